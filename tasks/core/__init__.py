@@ -1,0 +1,2 @@
+"""Stage-independent helpers. Nothing here imports Prefect or pandera, so the training core runs on
+machines that only have torch and transformers."""

@@ -1,0 +1,63 @@
+"""Building model inputs from the one-row-per-example store.
+
+Packing happens here, at batch time, never in the stored dataset. A packed row restarts
+`position_ids` at every example; transformers turns restarting positions into a block-diagonal
+attention mask (sdpa, flex and flash attention alike), so no example can attend to another."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+IGNORE_INDEX = -100  # label value that carries no loss (prompt, padding, packing boundaries)
+
+
+def pack_examples(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Concatenate examples into one row of batch size 1.
+
+    >>> pack_examples([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+    ...                {"input_ids": [8, 9], "labels": [8, 9]}])
+    {'input_ids': tensor([[5, 6, 7, 8, 9]]),
+     'labels': tensor([[-100, 6, 7, -100, 9]]),
+     'position_ids': tensor([[0, 1, 2, 0, 1]])}
+
+    The first label of every example is masked: the model shifts labels by one, so that label
+    would be predicted from the previous example's last token.
+    """
+    input_ids, labels, positions = [], [], []
+    for example in examples:
+        ids = list(example["input_ids"])
+        input_ids.extend(ids)
+        labels.extend([IGNORE_INDEX, *list(example["labels"])[1:]])
+        positions.extend(range(len(ids)))
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+    }
+
+
+def pad_examples(examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad examples into a rectangular batch; padding is masked out of attention and loss.
+
+    >>> pad_examples([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+    ...               {"input_ids": [8, 9], "labels": [-100, 9]}], pad_token_id=0)
+    {'input_ids': tensor([[5, 6, 7], [8, 9, 0]]),
+     'labels': tensor([[-100, 6, 7], [-100, 9, -100]]),
+     'attention_mask': tensor([[1, 1, 1], [1, 1, 0]])}
+
+    The pad id may equal EOS: padding is excluded by the attention mask and IGNORE_INDEX labels,
+    never by token id, so a real EOS keeps its loss.
+    """
+    longest = max(len(example["input_ids"]) for example in examples)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.as_tensor(example["input_ids"])
+        labels[row, :length] = torch.as_tensor(example["labels"])
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

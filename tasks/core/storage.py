@@ -1,0 +1,147 @@
+"""fsspec storage with atomic publication.
+
+Every artifact is written under a temporary sibling name and moved into place only when complete;
+a `_COMPLETE` marker written last lets readers tell a finished entry from a half-written one even
+on object stores, where a "directory" move is a copy."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+COMPLETE_MARKER = "_COMPLETE"
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    return url_to_fs(url, **(storage_options or {}))
+
+
+def is_local(url: str) -> bool:
+    fs, _ = filesystem(url)
+    return isinstance(fs, LocalFileSystem)
+
+
+def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = filesystem(url, storage_options)
+    return fs.exists(path)
+
+
+def is_complete(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """True when a directory artifact was fully published (its marker exists)."""
+    return exists(join(url, COMPLETE_MARKER), storage_options)
+
+
+def read_text(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    with fsspec.open(url, "r", encoding="utf-8", **(storage_options or {})) as handle:
+        return handle.read()
+
+
+def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    return json.loads(read_text(url, storage_options))
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    fs, path = filesystem(url, storage_options)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(temporary, "wb") as handle:
+        handle.write(data)
+    fs.mv(temporary, path)
+
+
+def write_text_atomic(url: str, text: str, storage_options: dict[str, Any] | None = None) -> None:
+    write_bytes_atomic(url, text.encode("utf-8"), storage_options)
+
+
+def write_json_atomic(url: str, value: Any, storage_options: dict[str, Any] | None = None) -> None:
+    write_text_atomic(url, json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n", storage_options)
+
+
+@contextlib.contextmanager
+def atomic_directory(url: str, storage_options: dict[str, Any] | None = None, replace: bool = True) -> Iterator[Path]:
+    """Yield a local scratch folder; on success publish it at `url` with a completion marker.
+
+    On a local filesystem the folder is built as a hidden sibling and renamed into place (the old
+    entry, if any, is swapped out and deleted only afterwards). Elsewhere it is uploaded under a
+    temporary name, moved, and the marker is written last. On error nothing is published and the
+    previous entry is left intact."""
+    fs, path = filesystem(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            yield scratch
+            (scratch / COMPLETE_MARKER).write_text("ok\n")
+            _swap_into_place(scratch, target, replace)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="sft-publish-"))
+    try:
+        yield scratch
+        _publish_remote(fs, scratch, path, replace)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _swap_into_place(scratch: Path, target: Path, replace: bool) -> None:
+    if target.exists():
+        if not replace:
+            return  # another writer finished the same content-addressed entry first
+        retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, retired)
+        os.replace(scratch, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        try:
+            os.replace(scratch, target)
+        except OSError:
+            # A concurrent writer created the same entry between our check and the rename.
+            if not (target / COMPLETE_MARKER).exists():
+                raise
+
+
+def _publish_remote(fs: fsspec.AbstractFileSystem, scratch: Path, path: str, replace: bool) -> None:
+    if fs.exists(path):
+        if not replace and fs.exists(f"{path}/{COMPLETE_MARKER}"):
+            return
+    staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.put(str(scratch), staging, recursive=True)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.mv(staging, path, recursive=True)
+    with fs.open(f"{path}/{COMPLETE_MARKER}", "wb") as handle:
+        handle.write(b"ok\n")
+
+
+def local_copy(url: str, storage_options: dict[str, Any] | None = None) -> Path:
+    """A local path for a directory artifact: the path itself on local disk, else a cached download
+    (libraries like transformers and safetensors read local files)."""
+    fs, path = filesystem(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return Path(path)
+    cache_root = Path(os.environ.get("SFT_LOCAL_CACHE", Path(tempfile.gettempdir()) / "prefect-sft-downloads"))
+    local = cache_root / path.strip("/").replace("/", "__")
+    if not (local / COMPLETE_MARKER).exists():
+        scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=cache_root.mkdir(parents=True, exist_ok=True) or cache_root))
+        fs.get(path.rstrip("/") + "/", str(scratch), recursive=True)
+        (scratch / COMPLETE_MARKER).write_text("ok\n")
+        _swap_into_place(scratch, local, replace=True)
+    return local
