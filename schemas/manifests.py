@@ -13,6 +13,7 @@ class StageResult(BaseModel):
     uri: str = Field(description="fsspec URL of the artifact.")
     key: str = Field(description="Content hash the artifact is cached under.")
     stats: dict[str, Any] = Field(default_factory=dict, description="Counts and figures worth reporting.")
+    store_hit: bool = Field(False, description="The stage found a complete entry under its key and reused it.")
 
 
 class ModelArtifact(StageResult):
