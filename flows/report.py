@@ -1,0 +1,79 @@
+"""Terminal summaries: dataset statistics for --dry-run, and the end-of-run report with the base vs
+tuned answers on held-out prompts."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+from schemas.manifests import DataArtifact, TokenizedArtifact
+from tasks.core import storage
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header, *[[_cell(value) for value in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [" | ".join(value.ljust(width) for value, width in zip(row, widths)) for row in cells]
+    lines.insert(1, "-+-".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _flatten(stats: dict[str, Any], prefix: str = "") -> list[list[Any]]:
+    rows = []
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            rows.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            rows.append([f"{prefix}{key}", value])
+    return rows
+
+
+def format_dataset_stats(data: DataArtifact, tokenized: TokenizedArtifact) -> str:
+    return "\n\n".join(
+        [
+            "Validation",
+            _table(["statistic", "value"], _flatten(data.stats)),
+            "Tokenization",
+            _table(["statistic", "value"], _flatten(tokenized.stats)),
+        ]
+    )
+
+
+def format_run_summary(manifest: dict[str, Any], wall_s: float) -> str:
+    stages = manifest.get("stages", {})
+    parts = [
+        f"Run {manifest.get('status')} in {wall_s:.1f} s. Manifest: {manifest.get('manifest_uri')}",
+        _table(
+            ["stage", "cache", "wall s", "artifact"],
+            [[name, entry["cache"], entry["wall_s"], entry["uri"]] for name, entry in stages.items()],
+        ),
+    ]
+    if "evaluate" in stages:
+        parts.append(format_comparison(stages["evaluate"]["uri"]))
+    return "\n\n".join(parts)
+
+
+def format_comparison(eval_uri: str, width: int = 60) -> str:
+    """Metrics table and side-by-side answers of the base and tuned models on held-out prompts."""
+    metrics = storage.read_json(storage.join(eval_uri, "metrics.json"))
+    generations = storage.read_json(storage.join(eval_uri, "generations.json"))
+    metric_rows = [
+        [name, metrics["base"].get(name), value, metrics.get("delta", {}).get(name)]
+        for name, value in metrics["tuned"].items()
+    ]
+    lines = ["Base vs tuned (held-out rows)", _table(["metric", "base", "tuned", "delta"], metric_rows), ""]
+    for sample in generations:
+        lines.append(f"Q: {_one_line(sample['prompt'], width * 2)}")
+        lines.append(f"  base : {_one_line(sample['base'], width * 2)}")
+        lines.append(f"  tuned: {_one_line(sample['tuned'], width * 2)}")
+    return "\n".join(lines)
+
+
+def _one_line(text: str, limit: int) -> str:
+    return textwrap.shorten(" ".join(str(text).split()), width=limit, placeholder=" ...")

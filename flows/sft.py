@@ -1,0 +1,132 @@
+"""The fine-tuning flow: validate-data -> tokenize-and-cache -> train -> evaluate -> export.
+
+Run it with `python -m flows.sft` (see --help), from a Prefect deployment, or from the UI's run
+form; all three take the same `SFTConfig`."""
+
+from __future__ import annotations
+
+import os
+
+# Defaults that make a laptop run work offline and on a loaded machine; explicit settings win.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.cli import config_from_args
+from flows.report import format_dataset_stats, format_run_summary
+from schemas.config import SFTConfig
+from schemas.manifests import StageResult
+from tasks.core import storage
+from tasks.evaluate import QualityGateError, enforce_gate, evaluate_task
+from tasks.export import export_task
+from tasks.model import import_model_task
+from tasks.tokenize import tokenize_task
+from tasks.train import train_task
+from tasks.validate import DataValidationError, validate_task
+
+
+class RunLedger:
+    """Collects per-stage facts (artifact, key, cache hit, wall time) for run_manifest.json."""
+
+    def __init__(self, config: SFTConfig):
+        self.config = config
+        self.started = datetime.now(timezone.utc)
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    def run(self, task: Any, *args: Any) -> Any:
+        started = time.perf_counter()
+        state = task.with_options(**_result_storage(self.config))(*args, return_state=True)
+        result: StageResult = state.result()  # re-raises the stage's error after its retries
+        self.stages[result.stage] = {
+            "uri": result.uri,
+            "key": result.key,
+            "cache": "hit" if state.name == "Cached" or result.store_hit else "miss",
+            "wall_s": round(time.perf_counter() - started, 2),
+            "stats": result.stats,
+        }
+        return result
+
+    def manifest(self, status: str) -> dict[str, Any]:
+        return {
+            "status": status,
+            "flow_run_id": str(flow_run.id) if flow_run.id else None,
+            "started_at": self.started.isoformat(),
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+            "config": self.config.model_dump(mode="json"),
+            "stages": self.stages,
+        }
+
+
+def _result_storage(config: SFTConfig) -> dict[str, Any]:
+    """Prefect results live beside the stage cache, so caching works the same with the ephemeral
+    server, a dedicated server or a fresh PREFECT_HOME. Remote cache dirs keep Prefect's default
+    result storage (a server-side storage block can be configured for those)."""
+    if not storage.is_local(config.cache_dir):
+        return {}
+    return {"result_storage": Path(storage.filesystem(config.cache_dir)[1]).resolve() / "prefect-results"}
+
+
+@flow(name="sft", log_prints=True)
+def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
+    """Fine-tune `config.model` on `config.data` and publish the release at `config.output`."""
+    ledger = RunLedger(config)
+    try:
+        data = ledger.run(validate_task, config.data, config.eval_data, config.data_options, config.cache_dir)
+        model = ledger.run(import_model_task, config.model, config.cache_dir, config.trust_remote_code)
+        tokenized = ledger.run(tokenize_task, data, model, config.template, config.cache_dir)
+        if config.dry_run:
+            print(format_dataset_stats(data, tokenized))
+            return _finish(ledger, "dry-run")
+        trained = ledger.run(train_task, tokenized, model, config.train, config.cache_dir)
+        evaluation = ledger.run(evaluate_task, data, tokenized, model, trained, config.eval, config.template, config.cache_dir)
+        enforce_gate(evaluation)
+        ledger.run(export_task, config, model, trained, evaluation, data, tokenized, ledger.manifest("completed"))
+    except Exception:
+        _finish(ledger, "failed")
+        raise
+    return _finish(ledger, "completed", exported=True)
+
+
+def _finish(ledger: RunLedger, status: str, exported: bool = False) -> dict[str, Any]:
+    """Record the run. An exported release already holds its manifest; other runs write theirs
+    under `<output>/attempts/` so an existing release is never overwritten by a failed attempt."""
+    manifest = ledger.manifest(status)
+    options = ledger.config.data_options.storage_options
+    stamp = ledger.started.strftime("%Y%m%dT%H%M%SZ")
+    url = storage.join(ledger.config.output, "run_manifest.json") if exported else storage.join(
+        ledger.config.output, "attempts", f"{stamp}-{status}", "run_manifest.json"
+    )
+    if exported and storage.exists(url, options):
+        # Keep what export added (content hashes, code version); add export's own timing.
+        manifest = {**storage.read_json(url, options), **{k: manifest[k] for k in ("status", "finished_at", "stages")}}
+    storage.write_json_atomic(url, manifest, options)
+    manifest["manifest_uri"] = url
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = config_from_args(argv)
+    started = time.perf_counter()
+    try:
+        manifest = sft(config)
+    except (DataValidationError, QualityGateError) as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # the stage's traceback is already in the log above
+        print(f"\nerror: the run failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    print(format_run_summary(manifest, time.perf_counter() - started))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
