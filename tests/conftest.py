@@ -50,3 +50,12 @@ def alpaca_file(tmp_path) -> Path:
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(ALPACA_ROWS * 4))
     return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect server and database for tests that run flows in-process."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,92 @@
+"""The whole flow on a tiny local model: export, manifest, cache hits, dry run, CLI exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flows.sft import main, sft
+from schemas.config import SFTConfig
+
+STAGES = ["validate-data", "import-model", "tokenize-and-cache", "train", "evaluate", "export"]
+
+
+def tiny_config(model_dir: Path, data: Path, tmp: Path, **overrides) -> SFTConfig:
+    values = {
+        "data": [str(data)],
+        "model": str(model_dir),
+        "output": str(tmp / "release"),
+        "cache_dir": str(tmp / "cache"),
+        "data_options": {"eval_fraction": 0.25},
+        "template": {"max_length": 128},
+        "train": {"max_steps": 3, "micro_batch_size": 4, "learning_rate": 1e-3, "checkpoint_every": 2},
+        "eval": {"num_generate": 2, "max_new_tokens": 4, "gate": {"max_regression": None}},
+    }
+    values.update(overrides)
+    return SFTConfig.model_validate(values)
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flow")
+    data = tmp / "alpaca.json"
+    from tests.conftest import ALPACA_ROWS
+
+    data.write_text(json.dumps(ALPACA_ROWS * 4))
+    config = tiny_config(tiny_model_dir, data, tmp)
+    return config, sft(config)
+
+
+def test_full_run_exports_a_model_that_loads_and_generates(first_run):
+    config, manifest = first_run
+    assert manifest["status"] == "completed"
+    model = AutoModelForCausalLM.from_pretrained(config.output)
+    tokenizer = AutoTokenizer.from_pretrained(config.output)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 3 or generated[0, -1] == tokenizer.eos_token_id
+    assert torch.isfinite(model(**prompt).logits).all()
+
+
+def test_run_manifest_records_every_stage(first_run):
+    config, manifest = first_run
+    written = json.loads((Path(config.output) / "run_manifest.json").read_text())
+    assert list(written["stages"]) == STAGES
+    for stage in STAGES:
+        entry = written["stages"][stage]
+        assert entry["cache"] == "miss"
+        assert entry["key"] and entry["uri"] and entry["wall_s"] >= 0
+    assert written["config"] == config.model_dump(mode="json")
+
+
+def test_second_run_with_nothing_changed_hits_every_cache(first_run):
+    config, _ = first_run
+    manifest = sft(config)
+    cached = {stage: entry["cache"] for stage, entry in manifest["stages"].items()}
+    assert cached == {stage: "hit" for stage in STAGES}
+
+
+def test_dry_run_stops_before_training(first_run, tmp_path, tiny_model_dir, capsys):
+    config, _ = first_run
+    dry = config.model_copy(update={"dry_run": True, "output": str(tmp_path / "dry"), "cache_dir": str(tmp_path / "cache")})
+    manifest = sft(dry)
+    assert manifest["status"] == "dry-run"
+    assert list(manifest["stages"]) == STAGES[:3]
+    assert not (tmp_path / "cache" / "train").exists()
+    assert not (tmp_path / "dry" / "model.safetensors").exists()
+    assert "loss" in capsys.readouterr().out  # the statistics table mentions loss-carrying tokens
+
+
+def test_cli_bad_data_exits_non_zero_and_writes_nothing(prefect_harness, tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "fine", "output": "fine"}\n{"instruction": 3, "output": "x"}\n')
+    code = main(["--data", str(bad), "--model", str(tiny_model_dir), "--output", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "instruction" in err
+    assert not (tmp_path / "cache" / "tokenized").exists()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
