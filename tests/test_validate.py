@@ -1,0 +1,377 @@
+"""validate-data: every format and file type onto the canonical rows; every bad row named."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import uuid
+
+import fsspec
+import pyarrow
+import pyarrow.parquet
+import pytest
+
+from schemas.config import DataOptions
+from tasks.core import embedded, storage
+from tasks.core.hashing import hash_url
+from tasks.validate import (
+    DataValidationError,
+    _retry_unless_bad_data,
+    hash_split,
+    report_table,
+    validate_data,
+    validate_entry,
+    validate_task,
+)
+from tests.conftest import ALPACA_ROWS
+
+CHAT_ROW = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Name?"},
+        {"role": "assistant", "content": "Fennec."},
+    ]
+}
+EXPECTED_FIRST = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+]
+
+
+@pytest.fixture()
+def mem():
+    """A fresh memory:// folder, removed afterwards (the memory filesystem is process-wide)."""
+    root = f"memory://validate-{uuid.uuid4().hex[:8]}"
+    yield root
+    fs, path = storage.filesystem(root)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+@pytest.fixture()
+def cache(tmp_path):
+    return str(tmp_path / "cache")
+
+
+def encode(rows: list, kind: str) -> bytes:
+    if kind == "json":
+        return json.dumps(rows, indent=2).encode()
+    if kind in ("jsonl", "jsonl.gz"):
+        data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        return gzip.compress(data) if kind == "jsonl.gz" else data
+    if kind == "csv":
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        return text.getvalue().encode()
+    buffer = io.BytesIO()
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
+def put(url: str, content: bytes | str | list, kind: str = "json") -> str:
+    data = content.encode() if isinstance(content, str) else content if isinstance(content, bytes) else encode(content, kind)
+    with fsspec.open(url, "wb") as handle:
+        handle.write(data)
+    return url
+
+
+def run(urls: list[str], cache: str, eval_urls: list[str] = (), **options):
+    artifact = validate_data(list(urls), list(eval_urls), DataOptions(**options), cache)
+    rows = [json.loads(line) for line in storage.read_text(artifact.uri).splitlines()]
+    return artifact, rows
+
+
+def fails(urls: list[str], cache: str, **options) -> str:
+    with pytest.raises(DataValidationError) as caught:
+        validate_data(list(urls), [], DataOptions(**options), cache)
+    return str(caught.value)
+
+
+# --- formats -----------------------------------------------------------------------------------
+
+
+def test_alpaca_input_is_joined_and_system_comes_first(mem, cache):
+    rows = [
+        {"instruction": "Translate.", "input": "hello", "output": "Bonjour.", "system": "You translate."},
+        {"instruction": "Say hi.", "input": "  ", "output": "Hi!"},
+    ]
+    _, out = run([put(f"{mem}/a.json", rows)], cache, eval_fraction=0.0)
+    assert out[0]["messages"] == [
+        {"role": "system", "content": "You translate."},
+        {"role": "user", "content": "Translate.\n\nhello"},
+        {"role": "assistant", "content": "Bonjour."},
+    ]
+    assert out[1]["messages"] == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
+    assert [row["source"] for row in out] == [f"{mem}/a.json:0", f"{mem}/a.json:1"]
+
+
+def test_alpaca_without_input_column(mem, cache):
+    rows = [{"instruction": "Say hi.", "output": "Hi!"}]
+    _, out = run([put(f"{mem}/a.jsonl", rows, "jsonl")], cache)
+    assert out[0]["messages"] == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
+
+
+def test_prompt_completion(mem, cache):
+    _, out = run([put(f"{mem}/p.jsonl", [{"prompt": "2+2?", "completion": "4"}], "jsonl")], cache)
+    assert out[0]["messages"] == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+
+
+def test_chat_multi_turn(mem, cache):
+    _, out = run([put(f"{mem}/c.jsonl", [CHAT_ROW], "jsonl")], cache)
+    assert out[0]["messages"] == CHAT_ROW["messages"]
+
+
+def test_sharegpt_roles_are_mapped(mem, cache):
+    row = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    _, out = run([put(f"{mem}/s.json", [row])], cache)
+    assert out[0]["messages"] == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+    ]
+
+
+def test_column_mapping_renames_user_columns(mem, cache):
+    rows = [{"question": "Q?", "answer": "A."}]
+    url = put(f"{mem}/q.jsonl", rows, "jsonl")
+    assert "cannot tell the format" in fails([url], cache)
+    _, out = run([url], cache, column_mapping={"question": "instruction", "answer": "output"})
+    assert out[0]["messages"] == [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
+
+
+def test_named_format_matches_auto_and_is_enforced(mem, cache):
+    url = put(f"{mem}/a.json", ALPACA_ROWS)
+    auto, _ = run([url], cache)
+    named, _ = run([url], cache, format="alpaca")
+    assert named.key == auto.key
+    message = fails([url], cache, format="prompt_completion")
+    assert "missing column(s) 'prompt', 'completion'" in message and "a.json" in message
+
+
+# --- file types and sources --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonl", "jsonl.gz", "csv", "parquet"])
+def test_every_file_type_gives_the_same_rows(mem, cache, kind):
+    _, out = run([put(f"{mem}/rows.{kind}", ALPACA_ROWS, kind)], cache, eval_fraction=0.0)
+    assert len(out) == len(ALPACA_ROWS)
+    assert out[0]["messages"] == EXPECTED_FIRST
+    assert out[1]["messages"][0]["content"] == "Translate to French.\n\nhello"
+
+
+def test_local_path_and_file_url(tmp_path, cache):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(encode(ALPACA_ROWS, "jsonl"))
+    by_path, _ = run([str(path)], cache)
+    by_url, _ = run([f"file://{path}"], cache)
+    assert by_path.key == by_url.key and by_path.stats["rows_kept"] == len(ALPACA_ROWS)
+
+
+def test_glob_reads_several_files_in_sorted_order(mem, cache):
+    put(f"{mem}/part-2.jsonl", ALPACA_ROWS[4:], "jsonl")
+    put(f"{mem}/part-1.json", ALPACA_ROWS[:4])
+    artifact, out = run([f"{mem}/part-*"], cache, eval_fraction=0.0)
+    assert artifact.stats["rows_read"] == len(ALPACA_ROWS)
+    assert out[0]["messages"] == EXPECTED_FIRST and out[0]["source"].endswith("part-1.json:0")
+    assert out[-1]["source"].endswith("part-2.jsonl:3")
+
+
+def test_hub_id_goes_to_load_dataset(monkeypatch, cache):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_list(ALPACA_ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    artifact, out = run(["someone/alpaca-demo"], cache, hf_split="train[:8]")
+    assert calls == [("someone/alpaca-demo", "train[:8]")]
+    assert artifact.stats["rows_kept"] == len(ALPACA_ROWS)
+    assert out[0]["source"] == "someone/alpaca-demo[train[:8]]:0"
+
+
+def test_embedded_dataset_brings_its_eval_file(monkeypatch, tmp_path, cache):
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_bytes(encode([CHAT_ROW], "jsonl"))
+    held_out.write_bytes(encode([{"messages": CHAT_ROW["messages"][1:3]}], "jsonl"))
+    monkeypatch.setitem(embedded.EMBEDDED_DATASETS, "embedded:identity-demo", (train, held_out))
+    artifact, out = run(["embedded:identity-demo"], cache)
+    assert [row["split"] for row in out] == ["train", "eval"]
+    assert artifact.stats["train_rows"] == artifact.stats["eval_rows"] == 1
+
+
+# --- bad rows ----------------------------------------------------------------------------------
+
+GOOD = {"instruction": "Q?", "output": "A."}
+
+
+@pytest.mark.parametrize(
+    "bad_row, column, reason",
+    [
+        ({"instruction": 5, "output": "A."}, "instruction", "expected a string, got int 5"),
+        ({"instruction": {"a": 1}, "output": "A."}, "instruction", "expected a string, got dict"),
+        ({"instruction": "Q?", "output": None}, "output", "missing value (null)"),
+        ({"instruction": " \n\t", "output": "A."}, "instruction", "empty or whitespace-only"),
+        ({"instruction": "Q?", "output": "A." * 30}, "instruction+output", "more than max_chars=50"),
+        ({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages", "turn 0: role 'bot'"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "messages", "no assistant turn"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]}, "messages", "turn 1: content: expected a string"),
+        ({"messages": "hello"}, "messages", "expected a non-empty list"),
+    ],
+)
+def test_bad_row_is_named_by_file_row_line_and_column(mem, cache, bad_row, column, reason):
+    good = CHAT_ROW if "messages" in bad_row else GOOD
+    url = put(f"{mem}/bad.jsonl", [good, good, bad_row], "jsonl")
+    message = fails([url], cache, max_chars=50)
+    assert f"{url} row 2 (0-based), line 3, column '{column}': " in message
+    assert reason in message
+
+
+def test_missing_column_names_file_and_column(mem, cache):
+    message = fails([put(f"{mem}/m.json", [{"instruction": "Q?"}])], cache)
+    assert message.startswith(f"{mem}/m.json: missing column(s) 'output'")
+
+
+def test_json_array_rows_give_their_line(mem, cache):
+    url = put(f"{mem}/a.json", [GOOD, {"instruction": "Q?", "output": 1}])
+    assert f"{url} row 1 (0-based), line 6, column 'output'" in fails([url], cache)
+
+
+@pytest.mark.parametrize(
+    "name, content, problem",
+    [
+        ("broken.json", '[{"instruction": "Q?",', "not valid JSON"),
+        ("broken.jsonl", '{"prompt": "a", "completion": "b"}\n{oops}\n', "not valid JSON Lines: line 2"),
+        ("latin1.jsonl", '{"prompt": "caf\xe9", "completion": "b"}\n'.encode("latin-1"), "not UTF-8 text (byte 0xe9"),
+        ("empty.jsonl", "", "the file is empty"),
+        ("blank.json", "  \n", "the file is empty"),
+        ("none.json", "[]", "the file has no rows"),
+        ("header.csv", "instruction,output\n", "the file has no rows"),
+        ("broken.jsonl.gz", b"not gzip", "not valid gzip data"),
+        ("broken.parquet", b"PAR1 not parquet", "not a valid Parquet file"),
+        ("notes.txt", "plain text", "unsupported file type"),
+    ],
+)
+def test_unreadable_file_is_one_clear_line(mem, cache, name, content, problem):
+    url = put(f"{mem}/{name}", content)
+    message = fails([url], cache)
+    assert message.startswith(f"{url}: ") and problem in message and "\n" not in message
+
+
+def test_glob_matching_nothing_and_missing_file(mem, cache):
+    assert "the glob matched no files" in fails([f"{mem}/*.jsonl"], cache)
+    assert "no such file" in fails([f"{mem}/absent.jsonl"], cache)
+
+
+def test_fail_lists_twenty_rows_and_reports_them_all(mem, cache):
+    rows = [GOOD] + [{"instruction": index, "output": "A."} for index in range(25)]
+    message = fails([put(f"{mem}/many.jsonl", rows, "jsonl")], cache)
+    listed = [line for line in message.splitlines() if "(0-based)" in line]
+    assert len(listed) == 20 and "... and 5 more" in message
+    report_url = message.splitlines()[0].rsplit("full list: ", 1)[1]
+    assert report_url.startswith(f"{cache}/validation-reports/")
+    assert len(storage.read_json(report_url)["invalid_rows"]) == 25
+
+
+def test_drop_removes_counts_and_reports_bad_rows(mem, cache):
+    rows = [GOOD, {"instruction": 1, "output": "A."}, {"instruction": "", "output": "A."}, {"instruction": "Q", "output": None}, 7]
+    artifact, out = run([put(f"{mem}/d.json", rows)], cache, on_invalid="drop")
+    assert artifact.stats["rows_read"] == 5 and artifact.stats["rows_kept"] == len(out) == 1
+    assert artifact.stats["dropped_by_reason"] == {"not_a_string": 1, "empty": 1, "null": 1, "not_an_object": 1}
+    report = storage.read_json(artifact.report_uri)
+    assert [(failure["row"], failure["column"]) for failure in report["invalid_rows"]] == [
+        (1, "instruction"), (2, "instruction"), (3, "output"), (4, "(row)"),
+    ]
+
+
+# --- duplicates, split, keys -------------------------------------------------------------------
+
+
+def test_duplicates_are_reported_and_dropped_on_request(mem, cache):
+    url = put(f"{mem}/dup.jsonl", ALPACA_ROWS + ALPACA_ROWS[:2], "jsonl")
+    kept, _ = run([url], cache)
+    assert kept.stats["duplicates"] == 2 and kept.stats["rows_kept"] == len(ALPACA_ROWS) + 2
+    deduped, out = run([url], cache, dedupe=True)
+    assert deduped.stats["rows_kept"] == len(out) == len(ALPACA_ROWS)
+    assert deduped.stats["dropped_by_reason"] == {"duplicate": 2}
+    report = storage.read_json(deduped.report_uri)
+    assert report["duplicate_rows"][0] == {"row": f"{url}:8", "same_as": f"{url}:0"}
+
+
+def test_eval_split_is_deterministic_and_disjoint(mem, cache, tmp_path):
+    rows = [{"prompt": f"question {index}", "completion": f"answer {index}"} for index in range(200)]
+    url = put(f"{mem}/many.jsonl", rows + rows[:10], "jsonl")
+    _, first = run([url], cache, eval_fraction=0.2)
+    _, again = run([url], str(tmp_path / "other-cache"), eval_fraction=0.2)
+    assert [row["split"] for row in first] == [row["split"] for row in again]
+    held_out = {json.dumps(row["messages"]) for row in first if row["split"] == "eval"}
+    trained = {json.dumps(row["messages"]) for row in first if row["split"] == "train"}
+    assert not held_out & trained  # duplicates land on the same side
+    assert 20 < len(held_out) < 60
+
+
+def test_hash_split_keeps_one_row_on_each_side():
+    assert hash_split([0.9, 0.8, 0.7], 0.1) == [False, False, True]
+    assert hash_split([0.01, 0.02], 0.5) == [True, False]
+    assert hash_split([0.3, 0.3], 0.1) == [False, True]
+    assert hash_split([0.01], 0.5) == [False]
+    assert hash_split([0.01, 0.9], 0.0) == [False, False]
+
+
+def test_eval_files_are_the_eval_split(mem, cache):
+    train = put(f"{mem}/train.jsonl", ALPACA_ROWS, "jsonl")
+    held = put(f"{mem}/eval.jsonl", [GOOD], "jsonl")
+    artifact, out = run([train], cache, eval_urls=[held], eval_fraction=0.5)
+    assert [row["split"] for row in out] == ["train"] * len(ALPACA_ROWS) + ["eval"]
+
+
+def test_key_follows_bytes_not_file_names(mem, cache):
+    options = DataOptions()
+    content = encode(ALPACA_ROWS, "jsonl")
+    key, url = validate_entry([put(f"{mem}/one.jsonl", content)], [], options, cache)
+    renamed, _ = validate_entry([put(f"{mem}/two.jsonl", content)], [], options, cache)
+    changed, _ = validate_entry([put(f"{mem}/three.jsonl", content.replace(b"Paris", b"Parix"))], [], options, cache)
+    assert renamed == key != changed
+    assert url == f"{cache}/validated/{key}"
+    assert validate_entry([f"{mem}/one.jsonl"], [], DataOptions(dedupe=True), cache)[0] != key
+
+
+def test_entry_is_reused_and_artifact_key_is_the_data_hash(mem, cache):
+    url = put(f"{mem}/a.jsonl", ALPACA_ROWS, "jsonl")
+    first, _ = run([url], cache)
+    second, _ = run([url], cache)
+    assert not first.store_hit and second.store_hit
+    assert second.key == first.key == hash_url(first.uri) and second.stats == first.stats
+    report = storage.read_json(first.report_uri)
+    assert {"rows_read", "rows_kept", "dropped_by_reason", "duplicates", "chars", "files"} <= set(report)
+
+
+# --- Prefect wrapper ---------------------------------------------------------------------------
+
+
+def test_task_wrapper_runs_outside_a_flow(mem, cache):
+    artifact = validate_task.fn([put(f"{mem}/a.json", ALPACA_ROWS)], [], DataOptions(), cache)
+    assert artifact.stage == "validate-data" and artifact.stats["rows_kept"] == len(ALPACA_ROWS)
+    assert {"measure": "chars.min", "value": artifact.stats["chars"]["min"]} in report_table(artifact.stats)
+
+
+def test_bad_data_is_not_retried():
+    from prefect.states import Failed
+
+    assert not _retry_unless_bad_data(None, None, Failed(data=DataValidationError("bad")))
+    assert _retry_unless_bad_data(None, None, Failed(data=ConnectionError("flaky")))
+
+
+def test_parquet_chat_and_a_folder_of_files(mem, cache):
+    put(f"{mem}/folder/chat.parquet", [CHAT_ROW], "parquet")
+    put(f"{mem}/folder/notes.txt", "not data")
+    _, out = run([f"{mem}/folder"], cache)
+    assert [row["messages"] for row in out] == [CHAT_ROW["messages"]]
