@@ -3,8 +3,8 @@ reject or report every bad row (pandera, `schemas/data.py`) before anything is t
 
 The entry `cache_dir/validated/<key>/` holds `data.jsonl` (one canonical row a line:
 {"messages": [...], "split": "train"|"eval", "source": "<file>:<row>"}) and `report.json`. The key
-hashes the input bytes, the options and this code; the artifact's own key is the hash of
-`data.jsonl`, which is what later stages cache on."""
+hashes the input bytes, the options and this code; the artifact's own key is the hash of the
+rows' text and split (not their `source` labels), which is what later stages cache on."""
 
 from __future__ import annotations
 
@@ -591,7 +591,9 @@ def _report(key: str, checked: list[CheckedFile], rows: list[Row], duplicates: l
 
 def _publish(url: str, rows: list[Row], report: dict[str, Any]) -> DataArtifact:
     payload = "".join(row.as_json() + "\n" for row in rows).encode("utf-8")
-    report["content_key"] = hash_bytes(payload)
+    # The key downstream stages cache on covers what they read (text and split), not the
+    # `source` labels: renaming or moving a data file must not invalidate tokenization.
+    report["content_key"] = hash_bytes("".join(f"{row.split}\t{row.canonical}\n" for row in rows).encode("utf-8"))
     with storage.atomic_directory(url) as scratch:
         (scratch / "data.jsonl").write_bytes(payload)
         (scratch / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -344,12 +344,16 @@ def test_key_follows_bytes_not_file_names(mem, cache):
     assert validate_entry([f"{mem}/one.jsonl"], [], DataOptions(dedupe=True), cache)[0] != key
 
 
-def test_entry_is_reused_and_artifact_key_is_the_data_hash(mem, cache):
+def test_entry_is_reused_and_artifact_key_is_the_content_hash(mem, cache, tmp_path):
     url = put(f"{mem}/a.jsonl", ALPACA_ROWS, "jsonl")
     first, _ = run([url], cache)
     second, _ = run([url], cache)
     assert not first.store_hit and second.store_hit
-    assert second.key == first.key == hash_url(first.uri) and second.stats == first.stats
+    assert second.key == first.key and second.stats == first.stats
+    # The downstream key ignores the `source` labels: the same rows under another file name
+    # (a rebuilt entry, new cache dir) give the same key, so tokenization is not redone.
+    renamed, _ = run([put(f"{mem}/renamed.jsonl", ALPACA_ROWS, "jsonl")], str(tmp_path / "other-cache"))
+    assert renamed.key == first.key and renamed.uri != first.uri
     report = storage.read_json(first.report_uri)
     assert {"rows_read", "rows_kept", "dropped_by_reason", "duplicates", "chars", "files"} <= set(report)
 
