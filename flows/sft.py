@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.runtime import flow_run
 
 from flows.cli import config_from_args
@@ -32,6 +32,10 @@ from tasks.model import import_model_task
 from tasks.tokenize import tokenize_task
 from tasks.train import train_task
 from tasks.validate import DataValidationError, validate_task
+
+# The stages that use the GPU carry this tag. With a tag concurrency limit on the server
+# (`prefect concurrency-limit create gpu 1`), runs sharing a GPU take turns at them.
+GPU_TAG = "gpu"
 
 
 class RunLedger:
@@ -86,8 +90,9 @@ def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
         if config.dry_run:
             print(format_dataset_stats(data, tokenized))
             return _finish(ledger, "dry-run")
-        trained = ledger.run(train_task, tokenized, model, config.train, config.cache_dir)
-        evaluation = ledger.run(evaluate_task, data, tokenized, model, trained, config.eval, config.template, config.cache_dir)
+        with tags(GPU_TAG):
+            trained = ledger.run(train_task, tokenized, model, config.train, config.cache_dir)
+            evaluation = ledger.run(evaluate_task, data, tokenized, model, trained, config.eval, config.template, config.cache_dir)
         enforce_gate(evaluation)
         ledger.run(export_task, config, model, trained, evaluation, data, tokenized, ledger.manifest("completed"))
     except Exception:

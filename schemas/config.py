@@ -104,6 +104,10 @@ class TrainOptions(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="'auto': bf16 on GPUs that support it, fp32 on CPU (bf16 on CPUs without bf16 units is ~85x slower)."
     )
+    attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
+        "auto",
+        description="Attention kernel; 'auto': flex attention for packed rows on CUDA (skips the blocks between examples), sdpa elsewhere.",
+    )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="'auto': only when the model would not fit otherwise."
     )

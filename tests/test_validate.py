@@ -15,7 +15,6 @@ import pytest
 
 from schemas.config import DataOptions
 from tasks.core import embedded, storage
-from tasks.core.hashing import hash_url
 from tasks.validate import (
     DataValidationError,
     _retry_unless_bad_data,
