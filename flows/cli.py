@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
-from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
@@ -105,10 +104,6 @@ def config_from_args(argv: list[str] | None = None) -> SFTConfig:
         return SFTConfig.model_validate(_deep_merge(base, overrides))
     except (ValidationError, ValueError, OSError, yaml.YAMLError) as error:
         parser.exit(2, f"error: invalid configuration{f' in {config_url}' if config_url else ''}:\n{error}\n")
-
-
-def write_config_yaml(config: SFTConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 if __name__ == "__main__":  # pragma: no cover - handy for checking a YAML file
