@@ -31,7 +31,14 @@ install-demo: $(VENV)/.installed $(VENV)/.installed-model
 demo: install-demo
 	$(BIN)/python -m flows.sft $(ARGS)
 
-test: install
+# The UI test drives the Prefect UI in headless Chromium: Debian's package, installed as root.
+# Elsewhere install a Chromium yourself; without one tests/test_ui.py skips and says why.
+$(VENV)/.installed-chromium: | $(BIN)/python
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+		|| echo "warning: could not install chromium; tests/test_ui.py will be skipped"
+	if command -v chromium >/dev/null; then touch $@; fi
+
+test: install $(VENV)/.installed-chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install-demo

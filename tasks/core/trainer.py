@@ -1,0 +1,875 @@
+"""The training core: one loop for LoRA and full fine-tuning, on one device or many.
+
+Needs torch, transformers, peft (and pyarrow + fsspec to read the tokenized store and write
+results), never Prefect, so it also runs on a bare GPU box:
+
+    python -m tasks.core.trainer --spec spec.json          # a TrainSpec as JSON
+
+What makes it fast: packed rows (examples concatenated, positions restarting, so attention stays
+block-diagonal), logits only at positions that carry loss (`logits_to_keep` as a boolean mask)
+with the cross-entropy in fp32 chunks, a fused (CUDA) or foreach (CPU) AdamW, bf16 autocast on
+GPUs, gradient checkpointing only when the memory estimate asks for it, optional regional
+torch.compile.
+
+What makes it exact: the loss of an optimizer step is the sum over every loss-bearing token of the
+global batch (all micro-batches, all ranks) divided by their count, so micro 4 x accum 2 equals
+micro 8 x accum 1 and two ranks equal one. Every rank can count that denominator itself, because
+the data order is a pure function of (seed, epoch) and step s always takes the global batch
+positions [s * G, (s + 1) * G) of the epoch-after-epoch stream.
+
+What makes it resumable: every `checkpoint_every` steps rank 0 publishes trainable weights
+(safetensors), optimizer, scheduler, the RNG states of every rank and the loss curve so far as one
+atomic folder; a new run with the same spec starts from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tasks.core import storage
+from tasks.core.collate import IGNORE_INDEX, pack_examples, pad_examples
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[dict], None]
+
+EVENT_PREFIX = "@@sft-event "  # a worker's progress line on stdout, read by the launcher
+ERROR_PREFIX = "@@sft-error "  # a worker's exception, re-raised by the launcher
+EVENTS_ENV = "SFT_TRAIN_EVENTS"
+CE_CHUNK_ROWS = 4096  # rows of logits upcast to fp32 at once
+COMPILE_MIN_STEPS = 100  # compile='auto' compiles only runs at least this long
+MEMORY_HEADROOM = 0.85  # gradient_checkpointing='auto' turns on above this share of free memory
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+class WorkerError(RuntimeError):
+    """A torchrun worker failed; the message is the worker's own exception."""
+
+
+@dataclass
+class TrainSpec:
+    """Everything a training process needs; JSON-able so torchrun workers read it from a file."""
+
+    model_dir: str  # local folder with config, safetensors weights and tokenizer
+    data_dir: str  # local tokenized store (DatasetDict saved with save_to_disk: train/, eval/)
+    output_url: str  # where rank 0 publishes adapter/ or model/, loss_curve.json, train_stats.json
+    checkpoint_url: str  # step-00000050/ ... folders, each complete when its marker exists
+    options: dict  # TrainOptions.model_dump(mode="json")
+    learning_rate: float  # the resolved peak learning rate
+    run_id: str = "sft"  # torchrun rendezvous id (the stage passes its content key)
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class TokenRows:
+    """The training split as flat tensors: example i is [offsets[i], offsets[i + 1])."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    offsets: torch.Tensor
+    lengths: torch.Tensor = field(init=False)
+    loss_tokens: torch.Tensor = field(init=False)  # labels that count after the one-token shift
+
+    def __post_init__(self) -> None:
+        self.lengths = self.offsets[1:] - self.offsets[:-1]
+        has_loss = (self.labels != IGNORE_INDEX).long()
+        has_loss[self.offsets[:-1][self.lengths > 0]] = 0  # label 0 is never a target: labels shift by one
+        self.loss_tokens = _segment_sums(has_loss, self.offsets)
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[dict]) -> "TokenRows":
+        lengths = torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.long)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        flat = lambda key: torch.tensor([t for e in examples for t in e[key]], dtype=torch.long)  # noqa: E731
+        return cls(flat("input_ids"), flat("labels"), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def example(self, i: int) -> dict:
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {"input_ids": self.input_ids[start:end].tolist(), "labels": self.labels[start:end].tolist()}
+
+
+def _segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    totals = torch.cat([torch.zeros(1, dtype=values.dtype), values.cumsum(0)])
+    return totals[offsets[1:]] - totals[offsets[:-1]]
+
+
+def load_rows(data_dir: str | Path, split: str = "train") -> TokenRows:
+    """Read a split of the tokenized store with pyarrow alone (no `datasets` needed on GPU boxes):
+    save_to_disk writes Arrow IPC streams listed in the split's state.json."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    folder = Path(data_dir) / split
+    state = json.loads((folder / "state.json").read_text())
+    tables = [pa.ipc.open_stream(pa.memory_map(str(folder / f["filename"]))).read_all() for f in state["_data_files"]]
+    table = pa.concat_tables(tables)
+    ids, labels = table.column("input_ids"), table.column("labels")
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+    if not np.array_equal(lengths, pc.list_value_length(labels).to_numpy(zero_copy_only=False)):
+        raise ValueError(f"{folder}: input_ids and labels differ in length")
+    flat = lambda column: torch.from_numpy(pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64))  # noqa: E731
+    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
+    if len(lengths) == 0:
+        raise ValueError(f"{folder}: the training split is empty")
+    return TokenRows(flat(ids), flat(labels), offsets)
+
+
+class DataOrder:
+    """Example order as a pure function of (seed, epoch). Step s takes positions [s*G, (s+1)*G) of
+    the stream epoch 0, epoch 1, ... so resuming needs nothing but the step number."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self._cache = size, seed, {}
+
+    def permutation(self, epoch: int) -> list[int]:
+        if epoch not in self._cache:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cache = {epoch: torch.randperm(self.size, generator=generator).tolist()}
+        return self._cache[epoch]
+
+    def global_batch(self, step: int, batch_size: int) -> list[int]:
+        positions = range(step * batch_size, (step + 1) * batch_size)
+        return [self.permutation(q // self.size)[q % self.size] for q in positions]
+
+
+def rank_micro_batches(batch: Sequence[int], rank: int, world: int, micro: int) -> list[list[int]]:
+    """This rank's disjoint share of a global batch, cut into micro-batches."""
+    share = list(batch[rank * len(batch) // world : (rank + 1) * len(batch) // world])
+    return [share[i : i + micro] for i in range(0, len(share), micro)]
+
+
+def make_batch(rows: TokenRows, indices: Sequence[int], packing: bool, pad_token_id: int, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """Model inputs and the loss targets. `logits_to_keep` marks the positions whose next token
+    carries loss, so the LM head runs on those rows only."""
+    examples = [rows.example(i) for i in indices]
+    batch = pack_examples(examples) if packing else pad_examples(examples, pad_token_id)
+    labels = batch.pop("labels")
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:][keep[:, :-1]]
+    inputs = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+    inputs["logits_to_keep"] = keep.to(device, non_blocking=True)
+    return inputs, targets.to(device, non_blocking=True)
+
+
+def loss_sum(model: torch.nn.Module, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over the loss positions, in fp32, chunk by chunk. Half-precision chunks
+    are recomputed in backward instead of keeping their fp32 copies."""
+    logits = model(**inputs, use_cache=False).logits  # (loss positions, vocab)
+    if targets.numel() == 0:
+        return logits.sum() * 0.0  # keeps every parameter in the graph (DDP expects that)
+    recompute = logits.dtype != torch.float32
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), CE_CHUNK_ROWS):
+        chunk, chunk_targets = logits[start : start + CE_CHUNK_ROWS], targets[start : start + CE_CHUNK_ROWS]
+        if recompute:
+            total = total + torch.utils.checkpoint.checkpoint(_ce_sum, chunk, chunk_targets, use_reentrant=False)
+        else:
+            total = total + _ce_sum(chunk, chunk_targets)
+    return total
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+# ------------------------------------------------------------------------------------ hardware
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    precision: str
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        dtype = AMP_DTYPES.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def resolve_device(option: str, local_rank: int = 0) -> torch.device:
+    """'auto': CUDA, else Apple MPS, else CPU; under torchrun each process takes cuda:LOCAL_RANK."""
+    if option == "auto":
+        if torch.cuda.is_available():
+            option = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            option = "mps"
+        else:
+            option = "cpu"
+    if option == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(option)
+
+
+def resolve_precision(option: str, device: torch.device) -> str:
+    """'auto': bf16 on GPUs that have it (fp16 on older ones), fp32 on CPU and MPS."""
+    if option != "auto":
+        return option
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def start_runtime(options: dict) -> Runtime:
+    """Read torchrun's environment and join its process group (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(options["device"], local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(rank, world, local_rank, device, resolve_precision(options["precision"], device))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process peak RSS
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+def resolve_attention(option: str, device: torch.device, packing: bool) -> str:
+    """'auto': flex attention for packed rows on CUDA (it skips the blocks between examples), sdpa
+    elsewhere (its block-diagonal mask comes from the restarting position_ids)."""
+    if option != "auto":
+        return option
+    if device.type == "cuda" and packing:
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+
+            return "flex_attention"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_model(spec: TrainSpec, rt: Runtime) -> torch.nn.Module:
+    """The base model, with LoRA adapters for method 'lora' (the only difference between methods:
+    which parameters require grad). Full fine-tuning keeps fp32 master weights under autocast;
+    LoRA keeps the frozen base in the autocast dtype and the adapters in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    o = spec.options
+    lora = o["method"] == "lora"
+    half_base = lora and o["strategy"] != "fsdp"  # FSDP wants one dtype to shard; it casts itself
+    dtype = AMP_DTYPES.get(rt.precision, torch.float32) if half_base else torch.float32
+    torch.manual_seed(o["seed"])
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.model_dir,
+        dtype=dtype,
+        use_safetensors=True,
+        attn_implementation=resolve_attention(o["attention"], rt.device, o["packing"]),
+    )
+    model.config.use_cache = False  # packed rows stay independent only without the cache
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=o["lora"]["r"],
+            lora_alpha=o["lora"]["alpha"],
+            lora_dropout=o["lora"]["dropout"],
+            target_modules=o["lora"]["target_modules"],
+        )
+        model = get_peft_model(model, config)
+    return model.to(rt.device)
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP and peft wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    names = set(getattr(base_model(model), "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def needs_checkpointing(option: str, model: torch.nn.Module, rt: Runtime, tokens_per_micro: int, strategy: str) -> bool:
+    """'auto': on only when optimizer state + activations would not fit the free device memory.
+
+    Activations are estimated per token and layer as ~10 hidden + 4 intermediate values (norms,
+    q/k/v, attention output, MLP gate/up/product) plus the loss rows' logits."""
+    if option != "auto":
+        return option == "on"
+    if rt.device.type != "cuda":
+        return False
+    config = base_model(model).config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    width = 2 if rt.precision in AMP_DTYPES else 4
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    states = trainable * 12 / (rt.world if strategy == "fsdp" else 1)  # fp32 grad + two Adam moments
+    activations = tokens_per_micro * (layers * (10 * hidden + 4 * intermediate) * width + config.vocab_size * (width + 4))
+    free, _ = torch.cuda.mem_get_info(rt.device)
+    return states + activations > MEMORY_HEADROOM * free
+
+
+def prepare_model(model: torch.nn.Module, spec: TrainSpec, rt: Runtime, checkpointing: bool, compile_: bool) -> torch.nn.Module:
+    """Gradient checkpointing, data parallelism (DDP, or FSDP2 per decoder layer), compilation."""
+    o = spec.options
+    if checkpointing:
+        base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if rt.world > 1 and o["strategy"] == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        amp = AMP_DTYPES.get(rt.precision)
+        policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
+        for layer in decoder_layers(model):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+    elif rt.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if compile_:
+        for layer in decoder_layers(model):
+            layer.compile(dynamic=True)  # regional: one compiled block reused by every layer
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused on CUDA and foreach elsewhere; no weight decay on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": spec.options["weight_decay"]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    speed = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.learning_rate, **speed)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Linear warmup to the peak, then cosine or linear decay to zero at `total`, or constant."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _Schedule:
+    """Picklable-free LambdaLR function (its __dict__ is what LambdaLR checkpoints)."""
+
+    def __init__(self, total: int, warmup: int, kind: str):
+        self.total, self.warmup, self.kind = total, warmup, kind
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.total, self.warmup, self.kind)
+
+
+# --------------------------------------------------------------------------------- checkpoints
+
+
+class Checkpoints:
+    """step-XXXXXXXX folders under one URL, each published atomically with a marker written last."""
+
+    def __init__(self, url: str, keep: int):
+        self.url, self.keep = url, keep
+
+    def complete_steps(self) -> list[int]:
+        fs, path = storage.filesystem(self.url)
+        if not fs.exists(path):
+            return []
+        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
+        steps = [int(name[5:]) for name in names if name.startswith("step-") and name[5:].isdigit()]
+        return sorted(step for step in steps if storage.is_complete(self.folder(step)))
+
+    def folder(self, step: int) -> str:
+        return storage.join(self.url, f"step-{step:08d}")
+
+    def prune(self) -> None:
+        """Keep the newest `keep` complete checkpoints; drop older ones and abandoned temp folders."""
+        fs, path = storage.filesystem(self.url)
+        for step in self.complete_steps()[: -self.keep]:
+            fs.rm(storage.filesystem(self.folder(step))[1], recursive=True)
+        if storage.is_local(self.url) and Path(path).is_dir():
+            for leftover in Path(path).glob(".step-*.tmp-*"):
+                if time.time() - leftover.stat().st_mtime > 60:
+                    import shutil
+
+                    shutil.rmtree(leftover, ignore_errors=True)
+
+    def remove_all(self) -> None:
+        fs, path = storage.filesystem(self.url)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    curve: list = field(default_factory=list)
+    tokens: int = 0
+    loss_tokens: int = 0
+    train_s: float = 0.0
+    resumed_from_step: int = 0
+
+
+def _rng_state(rt: Runtime) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if rt.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(rt.device)
+    return state
+
+
+def _gather(rt: Runtime, value: Any) -> list:
+    if rt.world == 1:
+        return [value]
+    gathered = [None] * rt.world if rt.main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered or []
+
+
+def _full_state(model, optimizer, trainable_only: bool) -> tuple[dict, dict]:
+    """Full (unsharded) state dicts on rank 0, keyed by parameter name (collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_state_dict(model, optimizer, options=options)
+
+
+def _unique_tensors(state: dict) -> dict:
+    """Drop aliases (tied embeddings) so safetensors accepts the dict; loading sets both."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        pointer = (tensor.data_ptr(), tensor.shape, tensor.dtype)
+        if pointer not in seen:
+            seen.add(pointer)
+            out[name] = tensor.detach().contiguous()
+    return out
+
+
+def save_checkpoint(ckpts: Checkpoints, state: TrainState, model, optimizer, scheduler, scaler, rt: Runtime) -> None:
+    """Collective: every rank contributes its RNG state (and shards); rank 0 writes."""
+    from safetensors.torch import save_file
+
+    weights, optim_state = _full_state(model, optimizer, trainable_only=True)
+    rng = _gather(rt, _rng_state(rt))
+    if not rt.main:
+        return
+    with storage.atomic_directory(ckpts.folder(state.step)) as scratch:
+        save_file(_unique_tensors(weights), str(scratch / TRAINABLE_FILE))
+        torch.save(optim_state, scratch / "optimizer.pt")
+        extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None, "rng": rng}
+        torch.save(extra, scratch / "state.pt")
+        (scratch / "progress.json").write_text(json.dumps({**asdict(state), "world_size": rt.world}))
+    ckpts.prune()
+
+
+def load_checkpoint(ckpts: Checkpoints, model, optimizer, scheduler, scaler, rt: Runtime) -> TrainState:
+    """Restore the newest complete checkpoint on every rank; a fresh TrainState when there is none."""
+    steps = ckpts.complete_steps()
+    if not steps:
+        return TrainState()
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    folder = storage.local_copy(ckpts.folder(steps[-1]))
+    weights = load_file(str(folder / TRAINABLE_FILE))
+    optim_state = torch.load(folder / "optimizer.pt", weights_only=True)
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_state, options=options)
+    extra = torch.load(folder / "state.pt", weights_only=True)
+    scheduler.load_state_dict(extra["scheduler"])
+    if scaler is not None and extra["scaler"]:
+        scaler.load_state_dict(extra["scaler"])
+    rng = extra["rng"][rt.rank % len(extra["rng"])]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], rt.device)
+    progress = json.loads((folder / "progress.json").read_text())
+    progress.pop("world_size", None)
+    state = TrainState(**progress)
+    state.resumed_from_step = state.step
+    logger.info("Resuming from the checkpoint at step %d (%s)", state.step, ckpts.folder(state.step))
+    return state
+
+
+# -------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class Plan:
+    global_batch: int
+    total_steps: int
+    warmup_steps: int
+    tokens_per_micro: int
+
+
+def plan_steps(rows: TokenRows, options: dict, world: int) -> Plan:
+    global_batch = options["micro_batch_size"] * options["grad_accum"] * world
+    if options["max_steps"]:
+        total = options["max_steps"]
+    else:
+        total = max(1, math.ceil(options["epochs"] * len(rows) / global_batch))
+    warmup = math.ceil(options["warmup_ratio"] * total)
+    tokens_per_micro = options["micro_batch_size"] * int(rows.lengths.max())
+    return Plan(global_batch, total, warmup, tokens_per_micro)
+
+
+class Session:
+    """One training process: model, optimizer and data, and the step function."""
+
+    def __init__(self, spec: TrainSpec, rt: Runtime, rows: TokenRows):
+        self.spec, self.rt, self.rows, o = spec, rt, rows, spec.options
+        self.plan = plan_steps(rows, o, rt.world)
+        self.order = DataOrder(len(rows), o["seed"])
+        model = load_model(spec, rt)
+        self.pad_token_id = base_model(model).config.pad_token_id or 0
+        self.checkpointing = needs_checkpointing(o["gradient_checkpointing"], model, rt, self.plan.tokens_per_micro, o["strategy"])
+        self.compiled = o["compile"] == "on" or (
+            o["compile"] == "auto" and rt.device.type == "cuda" and self.plan.total_steps >= COMPILE_MIN_STEPS
+        )
+        self.model = prepare_model(model, spec, rt, self.checkpointing, self.compiled)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, spec, rt.device)
+        schedule = _Schedule(self.plan.total_steps, self.plan.warmup_steps, o["lr_scheduler"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
+        torch.manual_seed(o["seed"] + rt.rank)  # dropout differs per rank; a checkpoint restores it
+
+    def _sync(self, last: bool):
+        """Reduce gradients only on the last micro-batch of a step."""
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync") and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def step(self, step: int) -> dict:
+        """One optimizer step over global batch `step`; returns its curve record (without times)."""
+        o, rt = self.spec.options, self.rt
+        batch = self.order.global_batch(step, self.plan.global_batch)
+        loss_tokens = int(self.rows.loss_tokens[batch].sum())
+        scale = rt.world / max(1, loss_tokens)  # DDP averages over ranks; undo that, divide by all tokens
+        micro_batches = rank_micro_batches(batch, rt.rank, rt.world, o["micro_batch_size"])
+        total = torch.zeros((), device=rt.device)
+        for i, indices in enumerate(micro_batches):
+            inputs, targets = make_batch(self.rows, indices, o["packing"], self.pad_token_id, rt.device)
+            with self._sync(last=i == len(micro_batches) - 1):
+                with rt.autocast():
+                    loss = loss_sum(self.model, inputs, targets)
+                scaled = loss * scale
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.detach()
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm = self._optimizer_step()
+        if rt.world > 1:
+            dist.all_reduce(total)
+        return {
+            "step": step + 1,
+            "loss": total.item() / max(1, loss_tokens),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_tokens": int(self.rows.lengths[batch].sum()),
+            "step_loss_tokens": loss_tokens,
+        }
+
+    def _optimizer_step(self) -> float:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        limit = self.spec.options["max_grad_norm"] or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return float(norm)
+
+
+class ProgressBar:
+    """tqdm with loss and tokens/s (ETA is tqdm's own); quiet when `enabled` is False."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, event: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{event['loss']:.4f}", tok_s=f"{event['tokens_per_s']:.0f}", refresh=False)
+            self.bar.update(event["step"] - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_worker(spec: TrainSpec, progress: Progress | None = None, rows: TokenRows | None = None, show_bar: bool = True) -> dict:
+    """Train in this process (one of torchrun's workers, or the only one); returns train_stats."""
+    meter = Meter(started=time.perf_counter())
+    rt = start_runtime(spec.options)
+    try:
+        session = Session(spec, rt, rows if rows is not None else load_rows(spec.data_dir))
+        ckpts = Checkpoints(spec.checkpoint_url, spec.options["keep_checkpoints"])
+        state = load_checkpoint(ckpts, session.model, session.optimizer, session.scheduler, session.scaler, rt)
+        _train_loop(session, state, ckpts, meter, progress if rt.main else None, show_bar and rt.main)
+        stats = _stats(session, state, meter)
+        publish_outputs(session, state, stats)
+        if rt.world > 1:
+            dist.barrier()  # every launcher returns only once the outputs are published
+        if rt.main:
+            ckpts.remove_all()
+        return stats
+    finally:
+        if rt.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@dataclass
+class Meter:
+    """Throughput of this process's session (a resumed run counts only what it computed)."""
+
+    started: float
+    seconds: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    first_step_s: float | None = None
+
+    def add(self, seconds: float, tokens: int, loss_tokens: int) -> None:
+        self.seconds, self.steps = self.seconds + seconds, self.steps + 1
+        self.tokens, self.loss_tokens = self.tokens + tokens, self.loss_tokens + loss_tokens
+        if self.first_step_s is None:
+            self.first_step_s = time.perf_counter() - self.started
+
+    def rates(self) -> dict:
+        seconds = max(self.seconds, 1e-9)
+        return {"tokens_per_s": self.tokens / seconds, "loss_tokens_per_s": self.loss_tokens / seconds}
+
+
+def _train_loop(session: Session, state: TrainState, ckpts: Checkpoints, meter: Meter, progress: Progress | None, show_bar: bool) -> None:
+    total = session.plan.total_steps
+    session.model.train()
+    bar = ProgressBar(total, state.step, show_bar)
+    try:
+        while state.step < total:
+            tick = time.perf_counter()
+            record = session.step(state.step)
+            elapsed = time.perf_counter() - tick
+            step_tokens, step_loss_tokens = record.pop("step_tokens"), record.pop("step_loss_tokens")
+            meter.add(elapsed, step_tokens, step_loss_tokens)
+            state.step, state.train_s = record["step"], state.train_s + elapsed
+            state.tokens, state.loss_tokens = state.tokens + step_tokens, state.loss_tokens + step_loss_tokens
+            record.update(tokens=state.tokens, loss_tokens=state.loss_tokens, elapsed_s=round(state.train_s, 4))
+            state.curve.append(record)
+            eta = meter.seconds / meter.steps * (total - state.step)
+            event = {"event": "step", **record, "total_steps": total, "eta_s": eta, **meter.rates()}
+            bar.update(event)
+            if progress is not None:
+                progress(event)
+            if state.step % session.spec.options["checkpoint_every"] == 0 and state.step < total:
+                save_checkpoint(ckpts, state, session.model, session.optimizer, session.scheduler, session.scaler, session.rt)
+    finally:
+        bar.close()
+
+
+def _stats(session: Session, state: TrainState, meter: Meter) -> dict:
+    rt = session.rt
+    return {
+        "method": session.spec.options["method"],
+        "steps": state.step,
+        "final_loss": state.curve[-1]["loss"] if state.curve else None,
+        "tokens": state.tokens,
+        "loss_tokens": state.loss_tokens,
+        **meter.rates(),
+        "train_s": state.train_s,
+        "wall_s": time.perf_counter() - meter.started,
+        "first_step_s": meter.first_step_s,
+        "resumed_from_step": state.resumed_from_step,
+        "device": str(rt.device.type),
+        "precision": rt.precision,
+        "world_size": rt.world,
+        "strategy": session.spec.options["strategy"] if rt.world > 1 else "single",
+        "global_batch_size": session.plan.global_batch,
+        "attention": base_model(session.model).config._attn_implementation,
+        "gradient_checkpointing": session.checkpointing,
+        "compiled": session.compiled,
+        "trainable_params": sum(p.numel() for p in session.params),
+        "total_params": sum(p.numel() for p in session.model.parameters()),
+        "peak_memory_gib": round(peak_memory_gib(rt.device), 3),
+    }
+
+
+def publish_outputs(session: Session, state: TrainState, stats: dict) -> None:
+    """Collective gather of the trained weights; rank 0 publishes adapter/ or model/, the loss
+    curve and the stats as one atomic folder."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    lora = session.spec.options["method"] == "lora"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+    weights = get_model_state_dict(session.model, options=options)
+    if not session.rt.main:
+        return
+    from transformers import AutoTokenizer
+
+    unwrapped = getattr(session.model, "module", session.model)
+    tokenizer = AutoTokenizer.from_pretrained(session.spec.model_dir)
+    with storage.atomic_directory(session.spec.output_url) as scratch:
+        target = scratch / ("adapter" if lora else "model")
+        if not lora:  # fp32 master weights, saved as trained; export decides the release dtype
+            unwrapped.config.use_cache = True  # training turned it off for packing; inference wants it
+        unwrapped.save_pretrained(str(target), state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(str(target))
+        (scratch / "loss_curve.json").write_text(json.dumps(state.curve, indent=1) + "\n")
+        (scratch / "train_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------ launcher
+
+
+def needs_torchrun(options: dict) -> bool:
+    return (options["devices"] > 1 or options["nnodes"] > 1) and "LOCAL_RANK" not in os.environ
+
+
+def train(spec: TrainSpec, progress: Progress | None = None) -> dict:
+    """Train: in this process for one device, else through torchrun. Returns train_stats."""
+    if needs_torchrun(spec.options):
+        return launch_torchrun(spec, progress)
+    return run_worker(spec, progress)
+
+
+def torchrun_command(spec_file: str | Path, options: dict, run_id: str) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={options['devices']}", f"--nnodes={options['nnodes']}"]
+    if options["nnodes"] == 1:
+        command.append("--standalone")
+    else:
+        command += [
+            f"--node_rank={options['node_rank']}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={options['rdzv_endpoint']}",
+            f"--rdzv_id={run_id}",
+        ]
+    return command + ["-m", "tasks.core.trainer", "--spec", str(spec_file)]
+
+
+def launch_torchrun(spec: TrainSpec, progress: Progress | None = None) -> dict:
+    """Run the workers with torchrun, stream their output, drive the progress bar from rank 0's
+    events, and fail with the worker's own error when one fails."""
+    import tempfile
+
+    root = Path(__file__).resolve().parents[2]
+    with tempfile.TemporaryDirectory(prefix="sft-train-") as tmp:
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(asdict(spec)))
+        env = {**os.environ, EVENTS_ENV: "1", "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+        command = torchrun_command(spec_file, spec.options, spec.run_id)
+        logger.info("Launching %s", " ".join(command))
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root, text=True, bufsize=1)
+        errors, tail = _stream(process, progress)
+    if process.returncode != 0:
+        if errors:
+            first = errors[0]
+            raise WorkerError(f"training worker (rank {first['rank']}) failed: {first['type']}: {first['message']}")
+        raise WorkerError(f"torchrun exited with {process.returncode}:\n" + "".join(tail))
+    return storage.read_json(storage.join(spec.output_url, "train_stats.json"))
+
+
+def _stream(process: subprocess.Popen, progress: Progress | None) -> tuple[list[dict], deque]:
+    errors, tail, bar = [], deque(maxlen=40), None
+    try:
+        for line in process.stdout:
+            if line.startswith(EVENT_PREFIX):
+                event = json.loads(line[len(EVENT_PREFIX) :])
+                bar = bar or ProgressBar(event["total_steps"], event["step"] - 1, enabled=True)
+                bar.update(event)
+                if progress is not None:
+                    progress(event)
+            elif line.startswith(ERROR_PREFIX):
+                errors.append(json.loads(line[len(ERROR_PREFIX) :]))
+            else:
+                tail.append(line)
+                logger.info("%s", line.rstrip())
+                if progress is not None:
+                    progress({"event": "log", "line": line.rstrip()})
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if bar is not None:
+            bar.close()
+    return errors, tail
+
+
+def _print_event(event: dict) -> None:
+    print(EVENT_PREFIX + json.dumps(event), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the SFT training core on a TrainSpec JSON file.")
+    parser.add_argument("--spec", required=True, help="TrainSpec as JSON (see tasks.core.trainer.TrainSpec).")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = TrainSpec(**json.loads(Path(args.spec).read_text()))
+    as_worker = os.environ.get(EVENTS_ENV) == "1"
+    try:
+        if as_worker:
+            run_worker(spec, progress=_print_event, show_bar=False)
+        else:
+            stats = train(spec)
+            print(json.dumps(stats, indent=2))
+    except Exception as error:
+        if as_worker:
+            report = {"rank": int(os.environ.get("RANK", "0")), "type": type(error).__name__, "message": str(error)}
+            print(ERROR_PREFIX + json.dumps(report), flush=True)
+        raise
+
+
+if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(main)()

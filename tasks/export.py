@@ -1,0 +1,387 @@
+"""export: an atomic, self-describing release folder at `config.output` (any fsspec URL).
+
+The release is built in a local scratch folder and published with `storage.atomic_directory`:
+a crash midway leaves the previous release untouched. It holds the model (merged LoRA or full
+weights, safetensors, sharded above export.max_shard_size), the adapter for LoRA runs, the
+tokenizer with the chat template the model was trained with, the resolved run config, the run
+manifest with content hashes, the eval results and plots, and a model card. The optional `LATEST`
+pointer next to the release is written last. Weights are read from safetensors only and model code
+runs only when config.trust_remote_code is set."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import sys
+import uuid
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import task
+
+from schemas.config import EMBEDDED_MODEL, SFTConfig
+from schemas.manifests import DataArtifact, EvalArtifact, ExportArtifact, ModelArtifact, TokenizedArtifact, TrainArtifact
+from tasks.core import formatting, hashing, modeling, storage
+from tasks import evaluate
+from tasks.evaluate import metric_rows, plot_loss_curve, read_loss_curve
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CODE_PACKAGES = ("flows", "schemas", "tasks")
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LIBRARIES = ("torch", "transformers", "peft", "datasets", "safetensors", "prefect")
+REDACTED = "<redacted>"
+
+
+def export_release(
+    config: SFTConfig,
+    model: ModelArtifact,
+    trained: TrainArtifact,
+    evaluation: EvalArtifact | None,
+    data: DataArtifact,
+    tokenized: TokenizedArtifact,
+    run_manifest: dict,
+) -> ExportArtifact:
+    """Write the release to config.output, or keep the release already there when it is complete
+    and was built from exactly the same inputs (store_hit). An evaluation that failed the quality
+    gate is refused here too (QualityGateError), whatever the caller did before."""
+    if evaluation is not None:
+        evaluate.enforce_gate(evaluation)
+    options = config.data_options.storage_options
+    key = export_key(config, model, trained, evaluation, data, tokenized)
+    store_hit = _release_key(config.output, options) == key
+    if not store_hit:
+        with storage.atomic_directory(config.output, options) as scratch:
+            build_release(scratch, key, config, model, trained, evaluation, data, tokenized, run_manifest)
+    files = _listing(config.output, options)
+    latest = write_latest(config.output, options) if config.export.update_latest else None
+    return ExportArtifact(
+        stage="export",
+        uri=config.output,
+        key=key,
+        store_hit=store_hit,
+        stats={
+            "method": trained.method,
+            "merged": trained.method == "full" or config.export.merge_lora,
+            "weight_shards": sum(name.endswith(".safetensors") and "/" not in name for name in files),
+            "files": len(files),
+            "bytes": sum(files.values()),
+            "latest": latest,
+        },
+    )
+
+
+def export_key(config, model, trained, evaluation, data, tokenized) -> str:
+    return hashing.hash_parts(
+        "export", model.key, data.key, tokenized.key, trained.key, evaluation.key if evaluation else None,
+        redacted_config(config), CODE_VERSION,
+    )[:24]
+
+
+def build_release(scratch: Path, key, config, model, trained, evaluation, data, tokenized, run_manifest) -> None:
+    base_dir, trained_dir = storage.local_copy(model.uri), storage.local_copy(trained.uri)
+    tokenizer, template_matches = release_tokenizer(base_dir, config)
+    tokenizer.save_pretrained(str(scratch))
+    save_weights(scratch, base_dir, trained_dir, trained.method, config, tokenizer)
+    resolved = redacted_config(config)
+    (scratch / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    (scratch / "run_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    curve = read_loss_curve(trained)
+    (scratch / "training").mkdir()
+    (scratch / "training" / "loss_curve.json").write_text(json.dumps(curve, indent=2) + "\n")
+    plot_loss_curve(curve, scratch / "training" / "loss_curve.png")
+    if evaluation is not None:
+        _copy_tree(storage.local_copy(evaluation.uri), scratch / "eval")
+    manifest = release_manifest(key, config, model, trained, evaluation, data, tokenized, run_manifest)
+    manifest["release"]["chat_template_matches_training"] = template_matches
+    (scratch / "run_manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    write_model_card(scratch, config, model, trained, evaluation, data, tokenized, manifest)
+
+
+# The plain template (tasks/core/formatting.py) as Jinja, for base models without a chat template,
+# so `apply_chat_template` on the released tokenizer renders what training rendered.
+PLAIN_CHAT_TEMPLATE = (
+    "{% set ns = namespace(previous='') %}"
+    "{% for message in messages %}"
+    "{% if ns.previous == 'assistant' %}{{ '\\n\\n' }}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('the plain template has no role ' + message['role']) }}{% endif %}"
+    "{% set ns.previous = message['role'] %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{% if ns.previous == 'assistant' %}{{ '\\n\\n' }}{% endif %}{{ '### Response:\\n' }}{% endif %}"
+)
+PROBE = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]
+
+
+def release_tokenizer(base_dir: Path, config: SFTConfig):
+    """The base tokenizer carrying the chat template training used, so `apply_chat_template` on the
+    released tokenizer formats prompts as the model saw them. Returns (tokenizer, matches): whether
+    the released template reproduces training's prompt tokens on a probe conversation (it cannot
+    when training dropped a template's default system prompt or used a custom one)."""
+    tokenizer = formatting.load_tokenizer(base_dir)
+    expected = formatting.render_prompt_ids(PROBE, tokenizer, config.template)
+    if formatting.template_kind(tokenizer, config.template) == "plain":
+        text_ids = tokenizer.encode(formatting.render_plain(PROBE[:1], True, tokenizer.eos_token or ""), add_special_tokens=False)
+        with_bos = expected != text_ids and expected[1:] == text_ids  # training put one BOS in front
+        tokenizer.chat_template = ("{{ bos_token }}" if with_bos else "") + PLAIN_CHAT_TEMPLATE
+    rendered = tokenizer.apply_chat_template(PROBE[:1], tokenize=False, add_generation_prompt=True)
+    matches = tokenizer.encode(rendered, add_special_tokens=False) == expected
+    if not matches:
+        logger.warning("The released chat template does not reproduce training's prompts (system_prompt_mode %r): the model card says so",
+                       config.template.system_prompt_mode)
+    return tokenizer, matches
+
+
+def save_weights(scratch: Path, base_dir: Path, trained_dir: Path, method: str, config: SFTConfig, tokenizer) -> None:
+    trust = config.trust_remote_code
+    if method == "lora":
+        adapter = trained_dir / "adapter"
+        if not (adapter / modeling.ADAPTER_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{adapter} has no {modeling.ADAPTER_WEIGHTS}")
+        (scratch / "adapter").mkdir()
+        for path in adapter.iterdir():  # weights as safetensors and JSON configs only, never pickles
+            if path.is_file() and path.suffix in (".safetensors", ".json"):
+                shutil.copy2(path, scratch / "adapter" / path.name)
+        if not config.export.merge_lora:
+            return
+        final = modeling.merge_lora(base_dir, adapter, trust)
+    elif method == "full":
+        final = modeling.load_causal_lm(trained_dir / "model", trust, dtype="auto")
+    else:
+        raise ValueError(f"unknown training method {method!r}")
+    final.config.use_cache = True  # training turns the KV cache off; generation wants it on
+    generation = final.generation_config
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            setattr(final.config, name, getattr(tokenizer, name))
+            if getattr(generation, name, None) is None:
+                setattr(generation, name, getattr(tokenizer, name))
+    final.save_pretrained(str(scratch), max_shard_size=config.export.max_shard_size)
+    if not (scratch / "generation_config.json").exists():
+        generation.save_pretrained(str(scratch))
+
+
+def redacted_config(config: SFTConfig) -> dict[str, Any]:
+    """The resolved run config with storage credentials replaced (the keys stay, the values go)."""
+    values = config.model_dump(mode="json")
+    values["data_options"]["storage_options"] = _redact(values["data_options"]["storage_options"])
+    return values
+
+
+def _redact(options: dict[str, Any]) -> dict[str, Any]:
+    return {name: REDACTED for name in options}
+
+
+def release_manifest(key, config, model, trained, evaluation, data, tokenized, run_manifest: dict) -> dict[str, Any]:
+    """The flow's manifest plus what identifies the release: content hashes and versions."""
+    manifest = json.loads(json.dumps(run_manifest, default=str))
+    if isinstance(manifest.get("config"), dict) and "data_options" in manifest["config"]:
+        manifest["config"]["data_options"]["storage_options"] = _redact(manifest["config"]["data_options"].get("storage_options", {}))
+    manifest["hashes"] = {
+        **manifest.get("hashes", {}),
+        "data": hashing.hash_url(data.uri),
+        "data_key": data.key,
+        "tokenized_key": tokenized.key,
+        "tokenizer": model.tokenizer_hash,
+        "base_model": model.key,
+        "trained": trained.key,
+        "evaluation": evaluation.key if evaluation else None,
+        "code_version": pipeline_code_version(),
+        "release": key,
+    }
+    manifest["release"] = {
+        "key": key,
+        "exported_at": datetime.now(timezone.utc).isoformat(),
+        "base_model": model.source,
+        "method": trained.method,
+        "merged": trained.method == "full" or config.export.merge_lora,
+        "gate": {"passed": evaluation.passed, "message": evaluation.gate_message} if evaluation else None,
+        "versions": {"python": platform.python_version(), **{name: _version(name) for name in LIBRARIES}},
+    }
+    return manifest
+
+
+def pipeline_code_version() -> str:
+    """Hash of every Python source file of the pipeline (flows, schemas, tasks)."""
+    files = [p for package in CODE_PACKAGES for p in (REPO_ROOT / package).rglob("*.py") if "__pycache__" not in p.parts]
+    return hashing.hash_files(files, root=REPO_ROOT)[:16]
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def write_latest(output: str, storage_options: dict[str, Any] | None = None) -> str:
+    """Point `LATEST` (a text file next to the release, naming it) at this release; returns its URL."""
+    fs, path = storage.filesystem(output, storage_options)
+    path = path.rstrip("/")
+    parent, _, name = path.rpartition("/")
+    pointer = f"{parent}/LATEST" if parent or path.startswith("/") else f"{path}.latest"
+    temporary = f"{pointer}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.pipe_file(temporary, f"{name}\n".encode("utf-8"))
+    fs.mv(temporary, pointer)
+    return fs.unstrip_protocol(pointer)
+
+
+def _release_key(output: str, storage_options: dict[str, Any]) -> str | None:
+    if not storage.is_complete(output, storage_options):
+        return None
+    try:
+        return storage.read_json(storage.join(output, "run_manifest.json"), storage_options).get("release", {}).get("key")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+
+
+def _listing(output: str, storage_options: dict[str, Any]) -> dict[str, int]:
+    fs, path = storage.filesystem(output, storage_options)
+    root = path.rstrip("/") + "/"
+    return {name[len(root):]: info.get("size") or 0 for name, info in fs.find(path, detail=True).items()}
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(storage.COMPLETE_MARKER, ".*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card
+
+
+def write_model_card(scratch: Path, config, model, trained, evaluation, data, tokenized, manifest) -> None:
+    (scratch / "README.md").write_text(model_card(config, model, trained, evaluation, data, tokenized, manifest))
+
+
+def model_card(config: SFTConfig, model, trained, evaluation, data, tokenized, manifest) -> str:
+    source = EMBEDDED_HUB_ID if model.source == EMBEDDED_MODEL else model.source
+    on_hub = "/" in source and not Path(source).exists() and "://" not in source
+    front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["sft", "prefect-sft", trained.method]}
+    if on_hub:
+        front["base_model"] = source
+    merged = manifest["release"]["merged"]
+    train = config.train
+    hyper = {
+        "method": train.method,
+        "peak learning rate": train.peak_learning_rate,
+        "scheduler": f"{train.lr_scheduler}, warmup ratio {train.warmup_ratio}",
+        "steps": train.max_steps if train.max_steps else f"{train.epochs} epochs",
+        "micro batch x grad accum": f"{train.micro_batch_size} x {train.grad_accum}",
+        "packing": train.packing,
+        "max length": config.template.max_length,
+        "weight decay / grad clip": f"{train.weight_decay} / {train.max_grad_norm}",
+        "seed": train.seed,
+    }
+    if train.method == "lora":
+        hyper["LoRA"] = f"r={train.lora.r}, alpha={train.lora.alpha}, dropout={train.lora.dropout}, targets={', '.join(train.lora.target_modules)}"
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# Fine-tuned {source}", "",
+             f"Supervised fine-tune ({'LoRA' if train.method == 'lora' else 'full fine-tuning'}) of `{source}`, "
+             f"produced by the prefect-sft pipeline. Release key `{manifest['release']['key']}`, "
+             f"exported {manifest['release']['exported_at']}.", "", "## Training data", ""]
+    lines += [f"- Sources: {', '.join(f'`{url}`' for url in config.data)}"]
+    if config.eval_data:
+        lines += [f"- Held-out data: {', '.join(f'`{url}`' for url in config.eval_data)}"]
+    else:
+        lines += [f"- Held-out share: {config.data_options.eval_fraction} of the rows, chosen by content hash"]
+    lines += [f"- Validation: {_summary(data.stats)}", f"- Tokenization: {_summary(tokenized.stats)}",
+              f"- Data content hash (sha256 of the validated rows): `{manifest['hashes']['data']}`", "",
+              "## Hyperparameters", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in hyper.items()]
+    lines += ["", "## Evaluation", ""]
+    if evaluation is None:
+        lines += ["Not evaluated (eval.enabled was off): no quality gate was applied.", ""]
+    else:
+        lines += [f"Quality gate **{'passed' if evaluation.passed else 'FAILED'}**: {evaluation.gate_message}", "",
+                  "| metric | base | tuned | delta |", "|---|---|---|---|"]
+        for row in metric_rows(evaluation.stats.get("base", {}), evaluation.stats.get("tuned", {})):
+            lines.append("| " + " | ".join(_num(row[k]) for k in ("metric", "base", "tuned", "delta")) + " |")
+        lines += ["", "Loss and perplexity are over response tokens of the held-out rows (lower is better); the text "
+                  "metrics compare greedy answers with the reference answers (higher is better). Sample answers: "
+                  "`eval/generations.json`, full report: `eval/report.md`.", "", "![training loss](training/loss_curve.png)", ""]
+    if not manifest["release"]["chat_template_matches_training"]:
+        lines += [f"**Prompt format:** training used system_prompt_mode `{config.template.system_prompt_mode}`, which the bundled "
+                  "chat template does not reproduce by itself" + (f": pass the system prompt `{config.template.system_prompt}` "
+                  "as the first message." if config.template.system_prompt_mode == "custom" else
+                  ": training removed the template's default system prompt."), ""]
+    lines += ["## Intended use", "",
+              "A research and demonstration model: a small model adapted to the conversations in its training data. "
+              "It has not been evaluated for safety or factuality beyond the metrics above and can produce wrong or "
+              "biased answers. Prompt it with the bundled chat template (`tokenizer.apply_chat_template`), the format it "
+              "was trained on.", "", "## How to load", ""]
+    if merged:
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", use_safetensors=True)',
+                  'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+                  'messages = [{"role": "user", "content": "Hello!"}]',
+                  'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
+                  "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
+                  'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
+    if trained.method == "lora":
+        lines += [f"The LoRA adapter alone is in `adapter/`; apply it to `{source}` with peft:", "", "```python",
+                  "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+                  f'base = AutoModelForCausalLM.from_pretrained("{source}", use_safetensors=True)',
+                  'model = PeftModel.from_pretrained(base, "path/to/this/folder/adapter")', "```", ""]
+    lines += ["## Files", "",
+              "- `model.safetensors` (or shards with `model.safetensors.index.json`), `config.json`, `generation_config.json`: the model"
+              + ("" if merged else " (not in this release: merge_lora was off)"),
+              "- tokenizer files and `chat_template.jinja`: the tokenizer with the chat template used in training",
+              "- `config.yaml`, `run_config.json`: the resolved run configuration (storage credentials redacted)",
+              "- `run_manifest.json`: stages, cache keys, content hashes of data, tokenizer, base model and code, library versions",
+              "- `training/loss_curve.json`, `training/loss_curve.png`: the training loss",
+              "- `eval/`: metrics.json (base, tuned, delta), gate.json, generations.json, report.md" if evaluation else "",
+              "", "## Reproducibility", "", "| content | hash |", "|---|---|"]
+    lines += [f"| {name} | `{value}` |" for name, value in manifest["hashes"].items() if value]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def _summary(stats: dict[str, Any]) -> str:
+    flat = [f"{k}: {_num(v)}" for k, v in stats.items() if not isinstance(v, (dict, list))]
+    return ", ".join(flat) or "-"
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+CODE_VERSION = hashing.code_version(sys.modules[__name__], evaluate, modeling, formatting)
+
+
+@task(name="export", retries=2, retry_delay_seconds=[2, 10])
+def export_task(
+    config: SFTConfig,
+    model: ModelArtifact,
+    trained: TrainArtifact,
+    evaluation: EvalArtifact | None,
+    data: DataArtifact,
+    tokenized: TokenizedArtifact,
+    run_manifest: dict,
+) -> ExportArtifact:
+    result = export_release(config, model, trained, evaluation, data, tokenized, run_manifest)
+    try:
+        publish_release_link(result)
+    except Exception:  # noqa: BLE001 - the link is a convenience; the release is in place
+        logger.warning("Could not publish the release link artifact", exc_info=True)
+    return result
+
+
+def publish_release_link(result: ExportArtifact) -> None:
+    """A Prefect link artifact to the release (nothing outside a flow or task run)."""
+    from prefect.artifacts import create_link_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return
+    link = Path(result.uri).resolve().as_uri() if storage.is_local(result.uri) and "://" not in result.uri else result.uri
+    create_link_artifact(link=link, link_text=f"SFT release {result.key}", key="sft-release",
+                         description=f"{result.stats.get('files')} files, {result.stats.get('bytes')} bytes")

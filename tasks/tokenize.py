@@ -1,0 +1,219 @@
+"""tokenize-and-cache: canonical rows -> Arrow DatasetDict(train, eval) of input_ids/labels/length.
+
+The entry is keyed by content: the validated data's bytes (DataArtifact.key), the tokenizer's files
+and chat template (ModelArtifact.tokenizer_hash), every TemplateOptions field and the source of this
+module and of tasks/core/formatting.py. Moving the data keeps the key; changing one byte, one option
+or the masking code changes it. The entry is written to a scratch folder and renamed into place
+with a completion marker (tasks/core/storage.atomic_directory); an incomplete or unreadable entry
+is rebuilt. Formatting and masking live in tasks/core/formatting.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+import fsspec
+from prefect import task
+
+from schemas.config import TemplateOptions
+from schemas.manifests import DataArtifact, ModelArtifact, TokenizedArtifact
+from tasks.caching import content_cache_key
+from tasks.core import formatting, hashing, storage
+from tasks.core.collate import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+STAGE = "tokenize-and-cache"
+SPLITS = ("train", "eval")
+DROP_REASONS = ("too_long", "no_loss_tokens")
+STATS_FILE = "stats.json"
+CHUNK = 4096  # rows per batched tokenizer call
+
+
+def tokenize_entry(
+    data: DataArtifact, model: ModelArtifact, options: TemplateOptions, cache_dir: str
+) -> tuple[str, str]:
+    """(key, url) of the tokenized entry: a hash of content, never of a path."""
+    key = hashing.hash_parts(data.key, model.tokenizer_hash, options.model_dump(mode="json"), CODE_VERSION)
+    return key, storage.join(cache_dir, "tokenized", key)
+
+
+def tokenize_dataset(
+    data: DataArtifact, model: ModelArtifact, options: TemplateOptions, cache_dir: str
+) -> TokenizedArtifact:
+    """Tokenize the validated rows with token-exact loss masks, or reuse the entry under their key."""
+    started = time.perf_counter()
+    key, url = tokenize_entry(data, model, options, cache_dir)
+    if storage.is_complete(url):
+        stats = read_entry(url)
+        if stats is not None:
+            logger.info("tokenize: reusing %s (%.2f s)", url, time.perf_counter() - started)
+            return TokenizedArtifact(stage=STAGE, uri=url, key=key, stats=stats, store_hit=True)
+        logger.warning("tokenize: entry %s is unreadable; rebuilding it", url)
+    rebuild = storage.exists(url)  # a half-written or corrupt entry is replaced, a finished one never
+    tokenizer = formatting.load_tokenizer(storage.local_copy(model.uri))
+    datasets_by_split, stats = build_splits(read_rows(data.uri), tokenizer, options)
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    publish_entry(url, datasets_by_split, stats, replace=rebuild)
+    logger.info("tokenize: wrote %s in %.2f s", url, stats["seconds"])
+    return TokenizedArtifact(stage=STAGE, uri=url, key=key, stats=stats, store_hit=False)
+
+
+def read_rows(url: str) -> list[dict[str, Any]]:
+    """Canonical rows from the validated JSONL file."""
+    with fsspec.open(url, "r", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def build_splits(rows: list[dict[str, Any]], tokenizer, options: TemplateOptions) -> tuple[dict, dict[str, Any]]:
+    """Encode the rows (batched, CHUNK rows per tokenizer call); per split a Dataset of the kept
+    rows and its statistics. Each chunk goes to compact Arrow arrays at once, so memory stays
+    proportional to the tokens, not to Python objects per token."""
+    import datasets
+    import pyarrow as pa
+
+    ids_type = pa.list_(pa.int32())
+    arrays = {split: {"input_ids": [], "labels": [], "length": []} for split in SPLITS}
+    results_by_split: dict[str, list] = {split: [] for split in SPLITS}
+    for begin in range(0, len(rows), CHUNK):
+        chunk = rows[begin : begin + CHUNK]
+        sources = [row.get("source") or f"row {begin + i}" for i, row in enumerate(chunk)]
+        results = formatting.encode_batch([row["messages"] for row in chunk], tokenizer, options, sources)
+        for split in SPLITS:
+            chosen = [result for row, result in zip(chunk, results) if row.get("split", "train") == split]
+            kept = [result for result in chosen if isinstance(result, formatting.EncodedExample)]
+            arrays[split]["input_ids"].append(pa.array([example.input_ids for example in kept], type=ids_type))
+            arrays[split]["labels"].append(pa.array([example.labels for example in kept], type=ids_type))
+            arrays[split]["length"].append(pa.array([len(example.input_ids) for example in kept], type=pa.int32()))
+            results_by_split[split].append(split_stats(chosen))
+    splits, stats = {}, {"template": formatting.template_kind(tokenizer, options)}
+    for split in SPLITS:
+        columns = {name: pa.chunked_array(chunks, type=ids_type if name != "length" else pa.int32())
+                   for name, chunks in arrays[split].items()}
+        splits[split] = datasets.Dataset(pa.table(columns))
+        stats[split] = merge_stats(results_by_split[split])
+    return splits, stats
+
+
+def split_stats(results: list) -> dict[str, Any]:
+    """Counts for one split (or one chunk of it)."""
+    kept = [result for result in results if isinstance(result, formatting.EncodedExample)]
+    lengths = [len(example.input_ids) for example in kept]
+    dropped = {reason: 0 for reason in DROP_REASONS}
+    for result in results:
+        if isinstance(result, formatting.Dropped):
+            dropped[result.reason] += 1
+    return {
+        "rows": len(results),
+        "kept": len(kept),
+        "dropped": dropped,
+        "truncated": sum(example.truncated for example in kept),
+        "tokens": sum(lengths),
+        "loss_tokens": sum(len(example.labels) - example.labels.count(IGNORE_INDEX) for example in kept),
+        "max_length": max(lengths, default=0),
+    }
+
+
+def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Chunk counts -> split statistics, with the loss fraction and mean length."""
+    total = {name: sum(part[name] for part in parts) for name in ("rows", "kept", "truncated", "tokens", "loss_tokens")}
+    tokens, kept = total["tokens"], total["kept"]
+    return {
+        "rows": total["rows"],
+        "kept": kept,
+        "dropped": {reason: sum(part["dropped"][reason] for part in parts) for reason in DROP_REASONS},
+        "truncated": total["truncated"],
+        "tokens": tokens,
+        "loss_tokens": total["loss_tokens"],
+        "loss_fraction": round(total["loss_tokens"] / tokens, 4) if tokens else 0.0,
+        "max_length": max((part["max_length"] for part in parts), default=0),
+        "mean_length": round(tokens / kept, 1) if kept else 0.0,
+    }
+
+
+def publish_entry(url: str, splits: dict, stats: dict[str, Any], replace: bool) -> None:
+    """Write the DatasetDict and stats.json to scratch and rename them into place.
+
+    Two runs building the same key both write complete, identical entries: with replace=False the
+    second one finds the first published and discards its own copy."""
+    import datasets
+
+    try:
+        with storage.atomic_directory(url, replace=replace) as scratch:
+            empty = {name: 1 for name, split in splits.items() if split.num_rows == 0}  # 0 shards would not load
+            datasets.DatasetDict(splits).save_to_disk(str(scratch), num_shards=empty or None)
+            (scratch / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    except OSError:
+        # Two rebuilds racing on one key: the other one's swap can make ours fail; its entry is fine.
+        if read_entry(url) is None:
+            raise
+
+
+def read_entry(url: str) -> dict[str, Any] | None:
+    """The entry's statistics, or None when it cannot be loaded or does not match them."""
+    import datasets
+
+    try:
+        stats = storage.read_json(storage.join(url, STATS_FILE))
+        loaded = datasets.load_from_disk(url)
+        for split in SPLITS:
+            columns = set(loaded[split].column_names)
+            if loaded[split].num_rows != stats[split]["kept"] or columns != {"input_ids", "labels", "length"}:
+                return None
+        return stats
+    except Exception as error:  # noqa: BLE001 - any failure to read means: rebuild
+        logger.warning("tokenize: cannot read %s: %s", url, error)
+        return None
+
+
+CODE_VERSION = hashing.code_version(sys.modules[__name__], formatting)
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry I/O hiccups, not template or data errors (they would fail the same way again)."""
+    try:
+        state.result()
+    except (formatting.TemplateError, KeyError, TypeError, ValueError):
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+    return True
+
+
+@task(
+    name=STAGE,
+    cache_key_fn=content_cache_key(tokenize_entry),
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_worth_retrying,
+)
+def tokenize_task(
+    data: DataArtifact, model: ModelArtifact, options: TemplateOptions, cache_dir: str
+) -> TokenizedArtifact:
+    result = tokenize_dataset(data, model, options, cache_dir)
+    _publish_stats(result)
+    return result
+
+
+def _publish_stats(result: TokenizedArtifact) -> None:
+    """A Prefect table artifact of the per-split statistics (skipped outside a task run)."""
+    from prefect.artifacts import create_table_artifact
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is None:
+        return
+    table = []
+    for split in SPLITS:
+        figures = dict(result.stats[split])
+        dropped = figures.pop("dropped")
+        table.append({"split": split, **figures, **{f"dropped_{reason}": n for reason, n in dropped.items()}})
+    create_table_artifact(
+        table=table,
+        key="tokenize-stats",
+        description=f"Tokenized {result.uri} ({result.stats.get('template')} template, cache hit: {result.store_hit})",
+    )

@@ -1,0 +1,143 @@
+"""train: LoRA or full fine-tuning on the tokenized store, resumable, one device or torchrun.
+
+The work happens in `tasks.core.trainer` (no Prefect there, so it also runs on bare GPU boxes);
+this module names the cache entry, hands the trainer a spec and describes the result. Checkpoints
+live beside the entry (`train/<key>.checkpoints`), so a Prefect retry or the same command run again
+after a crash resumes where the last checkpoint left off."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Callable
+
+from prefect import task
+
+from schemas.config import TrainOptions
+from schemas.manifests import ModelArtifact, TokenizedArtifact, TrainArtifact
+from tasks.caching import content_cache_key
+from tasks.core import collate, hashing, storage, trainer
+
+logger = logging.getLogger(__name__)
+
+# Options that cannot change the trained weights: where the rendezvous is, which node this is,
+# how often and how many checkpoints are kept, and recomputing activations instead of storing them.
+NOT_IN_KEY = ("node_rank", "rdzv_endpoint", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
+LOG_EVERY = 10  # steps between loss lines in the run log
+
+
+def train_entry(tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str) -> tuple[str, str]:
+    """(key, url) of the trained weights: data, model, every option that changes the result, code."""
+    values = {name: value for name, value in options.model_dump(mode="json").items() if name not in NOT_IN_KEY}
+    key = hashing.hash_parts("train", tokenized.key, model.key, values, CODE_VERSION)[:24]
+    return key, storage.join(cache_dir, "train", key)
+
+
+def checkpoint_url(cache_dir: str, key: str) -> str:
+    return storage.join(cache_dir, "train", key + ".checkpoints")
+
+
+def train_model(
+    tokenized: TokenizedArtifact,
+    model: ModelArtifact,
+    options: TrainOptions,
+    cache_dir: str,
+    progress: Callable[[dict], None] | None = None,
+) -> TrainArtifact:
+    """Train (or reuse a complete entry) and describe the result."""
+    key, url = train_entry(tokenized, model, options, cache_dir)
+    if storage.is_complete(url):
+        return _artifact(key, url, options, store_hit=True)
+    trainer.train(train_spec(tokenized, model, options, cache_dir), progress)
+    return _artifact(key, url, options, store_hit=False)
+
+
+def train_spec(tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str) -> trainer.TrainSpec:
+    """What the training core (in this process or under torchrun) is told to do."""
+    key, url = train_entry(tokenized, model, options, cache_dir)
+    return trainer.TrainSpec(
+        model_dir=str(storage.local_copy(model.uri)),
+        data_dir=str(storage.local_copy(tokenized.uri)),
+        output_url=url,
+        checkpoint_url=checkpoint_url(cache_dir, key),
+        options=options.model_dump(mode="json"),
+        learning_rate=options.peak_learning_rate,
+        run_id=key[:16],
+    )
+
+
+def _artifact(key: str, url: str, options: TrainOptions, store_hit: bool) -> TrainArtifact:
+    stats_url = storage.join(url, "train_stats.json")
+    stats = storage.read_json(stats_url) if storage.exists(stats_url) else {}
+    return TrainArtifact(
+        stage="train",
+        uri=url,
+        key=key,
+        method=options.method,
+        loss_curve_uri=storage.join(url, "loss_curve.json"),
+        stats=stats,
+        store_hit=store_hit,
+    )
+
+
+CODE_VERSION = hashing.code_version(sys.modules[__name__], trainer, collate)
+
+
+class PrefectProgress:
+    """Progress callback for a Prefect run: a progress artifact, and the loss in the run log every
+    LOG_EVERY steps. Outside a flow or task run it only logs to the module logger."""
+
+    def __init__(self, log_every: int = LOG_EVERY, min_interval_s: float = 2.0):
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        self.in_run = FlowRunContext.get() is not None or TaskRunContext.get() is not None
+        self.log_every, self.min_interval_s = log_every, min_interval_s
+        self.artifact_id, self.last_update = None, 0.0
+        self.log = self._logger()
+
+    def _logger(self):
+        if self.in_run:
+            from prefect import get_run_logger
+
+            return get_run_logger()
+        return logger
+
+    def __call__(self, event: dict) -> None:
+        if event.get("event") == "log":
+            self.log.debug("%s", event["line"])
+            return
+        if event.get("event") != "step":
+            return
+        step, total = event["step"], event["total_steps"]
+        if step % self.log_every == 0 or step == total:
+            self.log.info(
+                "step %d/%d loss %.4f lr %.2e %.0f tokens/s, ETA %.0f s",
+                step, total, event["loss"], event["lr"], event["tokens_per_s"], event["eta_s"],
+            )
+        self._update_artifact(100.0 * step / total, step == total)
+
+    def _update_artifact(self, percent: float, final: bool) -> None:
+        if not self.in_run or (not final and time.monotonic() - self.last_update < self.min_interval_s):
+            return
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        try:
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(percent, description="Training progress")
+            else:
+                update_progress_artifact(self.artifact_id, percent)
+        except Exception as error:  # progress is cosmetic; never fail training over it
+            logger.debug("progress artifact update failed: %s", error)
+        self.last_update = time.monotonic()
+
+
+@task(
+    name="train",
+    cache_key_fn=content_cache_key(train_entry),
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+)
+def train_task(tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str) -> TrainArtifact:
+    return train_model(tokenized, model, options, cache_dir, progress=PrefectProgress())

@@ -1,0 +1,77 @@
+"""Packing and padding: exact tensors, and packed examples that cannot see each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.core.collate import IGNORE_INDEX, pack_examples, pad_examples
+from tasks.core.trainer import TokenRows, make_batch
+
+EXAMPLES = [
+    {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
+    {"input_ids": [8, 9], "labels": [8, 9]},
+]
+
+
+def test_pack_examples_restarts_positions_and_masks_boundaries():
+    batch = pack_examples(EXAMPLES)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+
+
+def test_pad_examples_masks_padding_by_mask_not_by_id():
+    batch = pad_examples(EXAMPLES, pad_token_id=9)  # pad == a real token id (as pad == eos)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, 9, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_make_batch_keeps_only_positions_whose_next_token_has_loss(packing):
+    rows = TokenRows.from_examples(EXAMPLES)
+    assert rows.loss_tokens.tolist() == [2, 1]  # label 0 of an example is never a target
+    inputs, targets = make_batch(rows, [0, 1], packing, pad_token_id=0, device=torch.device("cpu"))
+    if packing:
+        assert inputs["logits_to_keep"].tolist() == [[True, True, False, True, False]]
+        assert targets.tolist() == [6, 7, 9]
+    else:
+        assert inputs["logits_to_keep"].tolist() == [[True, True, False], [True, False, False]]
+        assert targets.tolist() == [6, 7, 9]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="sdpa", dtype=torch.float32)
+    return model.eval()
+
+
+def test_packed_examples_have_their_solo_logits(tiny_llama):
+    """Each example's logits inside a packed row equal its logits run alone: attention is
+    block-diagonal, positions restart, nothing leaks between examples."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = [7, 3, 12, 5]
+    examples = [torch.randint(3, tiny_llama.config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    packed = pack_examples([{"input_ids": ids, "labels": ids} for ids in examples])
+    with torch.no_grad():
+        row = tiny_llama(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for ids in examples:
+            alone = tiny_llama(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(row[start : start + len(ids)], alone, atol=1e-4, rtol=1e-4)
+            start += len(ids)
+
+
+def test_packed_logits_to_keep_selects_the_same_rows(tiny_llama):
+    """The trainer's boolean `logits_to_keep` returns exactly the kept rows of the full logits."""
+    rows = TokenRows.from_examples([{"input_ids": [11, 12, 13, 14], "labels": [-100, -100, 13, 14]}, *EXAMPLES])
+    inputs, targets = make_batch(rows, [0, 1, 2], packing=True, pad_token_id=0, device=torch.device("cpu"))
+    keep = inputs.pop("logits_to_keep")
+    with torch.no_grad():
+        full = tiny_llama(**inputs, use_cache=False).logits[0]
+        kept = tiny_llama(**inputs, logits_to_keep=keep, use_cache=False).logits
+    torch.testing.assert_close(kept, full[keep[0]], atol=1e-5, rtol=1e-5)
+    assert targets.tolist() == [13, 14, 6, 7, 9] and int(keep.sum()) == 5

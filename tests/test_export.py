@@ -1,0 +1,191 @@
+"""export: the release loads and generates, merged LoRA equals base + adapter, the release is
+published atomically (an interrupted export keeps the previous one), memory:// works."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import fsspec
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from schemas.config import EvalOptions, SFTConfig, TemplateOptions
+from tasks import export
+from tasks.core import formatting, hashing, storage
+from tasks.evaluate import QualityGateError, evaluate_models
+from tasks.export import export_release, export_task, release_tokenizer
+from tests.test_evaluate import TEMPLATE, build_world
+from tests.tiny import build_tokenizer
+
+PROBE = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "Name a colour."},
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and several times faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
+    tmp = tmp_path_factory.mktemp("export-world")
+    world = build_world(tmp, tiny_model_dir, kinds=("good", "lora"))
+    options = EvalOptions(batch_size=4, num_generate=2, max_new_tokens=4)
+    world.evaluation = evaluate_models(world.data, world.tokenized, world.model, world.lora, options, TEMPLATE, str(tmp / "cache"))
+    return world
+
+
+def make_config(world, output: str, method: str = "lora", **export_options) -> SFTConfig:
+    return SFTConfig.model_validate({
+        "data": [world.data.uri],
+        "model": world.model.uri,
+        "output": output,
+        "cache_dir": str(world.tmp / "cache"),
+        "template": TEMPLATE.model_dump(),
+        "train": {"method": method, "max_steps": 3, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}},
+        "export": export_options,
+    })
+
+
+def run_export(world, config: SFTConfig, trained=None, evaluation="default"):
+    trained = trained or (world.lora if config.train.method == "lora" else world.good)
+    evaluation = world.evaluation if evaluation == "default" else evaluation
+    manifest = {"status": "completed", "config": config.model_dump(mode="json"), "stages": {"train": {"key": trained.key}}}
+    return export_release(config, world.model, trained, evaluation, world.data, world.tokenized, manifest)
+
+
+def test_lora_release_loads_generates_and_its_merged_model_equals_base_plus_adapter(world, tmp_path):
+    from peft import PeftModel
+
+    config = make_config(world, str(tmp_path / "release"))
+    result = run_export(world, config)
+    release = Path(result.uri)
+    assert result.stage == "export" and not result.store_hit and result.stats["merged"]
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "config.yaml", "run_config.json",
+                 "run_manifest.json", "README.md", "eval/metrics.json", "eval/generations.json", "eval/loss_curve.png",
+                 "eval/report.md", "training/loss_curve.json", "training/loss_curve.png", storage.COMPLETE_MARKER):
+        assert (release / name).is_file(), name
+    assert not [p for p in release.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    assert json.loads((release / "config.json").read_text())["use_cache"] is True
+
+    merged = AutoModelForCausalLM.from_pretrained(str(release), use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(release))
+    assert tokenizer.chat_template == formatting.load_tokenizer(world.model.uri).chat_template
+    base = AutoModelForCausalLM.from_pretrained(world.model.uri, use_safetensors=True)
+    adapted = PeftModel.from_pretrained(base, str(release / "adapter")).eval()
+    inputs = tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        expected, actual = adapted(**inputs).logits, merged(**inputs).logits
+        plain_base = AutoModelForCausalLM.from_pretrained(world.model.uri, use_safetensors=True)(**inputs).logits
+    assert not torch.allclose(expected, plain_base, atol=1e-3)  # the adapter does change the model
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    generated = merged.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+    manifest = json.loads((release / "run_manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["stages"] == {"train": {"key": "lora-key"}}
+    assert manifest["config"] == config.model_dump(mode="json")
+    hashes = manifest["hashes"]
+    assert hashes["data"] == hashing.hash_url(world.data.uri)
+    assert {"tokenizer", "base_model", "trained", "evaluation", "code_version", "release"} <= set(hashes)
+    assert hashes["tokenizer"] == "tok-hash" and hashes["evaluation"] == world.evaluation.key
+    assert manifest["release"]["chat_template_matches_training"] is True
+    card = (release / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers")
+    for text in ("AutoModelForCausalLM.from_pretrained", "AutoTokenizer.from_pretrained", "| eval_loss |", "## Intended use",
+                 "## Hyperparameters", "## Training data", "r=4, alpha=8.0", "PeftModel.from_pretrained"):
+        assert text in card, text
+
+
+def test_full_release_is_sharded_redacts_credentials_points_latest_and_is_reused(world, tmp_path):
+    config = make_config(world, str(tmp_path / "releases" / "v1"), method="full", max_shard_size="100KB", update_latest=True)
+    config.data_options.storage_options = {"token": "s3cr3t"}
+    result = run_export(world, config)
+    release = Path(result.uri)
+    index = json.loads((release / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == result.stats["weight_shards"] > 1
+    assert not (release / "adapter").exists() and not result.stats["latest"] is None
+    assert (tmp_path / "releases" / "LATEST").read_text() == "v1\n"
+    tuned = AutoModelForCausalLM.from_pretrained(str(world.good.uri) + "/model", use_safetensors=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(release), use_safetensors=True)
+    for (name, expected), actual in zip(tuned.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(actual, expected, msg=name)
+    for text in ((release / "config.yaml").read_text(), (release / "run_config.json").read_text(), (release / "run_manifest.json").read_text()):
+        assert "s3cr3t" not in text
+    assert yaml.safe_load((release / "config.yaml").read_text())["data_options"]["storage_options"] == {"token": "<redacted>"}
+
+    again = run_export(world, config)
+    assert again.store_hit and again.key == result.key
+
+
+def test_an_export_interrupted_midway_leaves_the_previous_release_intact(world, tmp_path, monkeypatch):
+    config = make_config(world, str(tmp_path / "release"), method="full")
+    run_export(world, config)
+    release = tmp_path / "release"
+    before = {p.relative_to(release): p.read_bytes() for p in release.rglob("*") if p.is_file()}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "write_model_card", crash)  # after the weights and tokenizer are written
+    newer = world.good.model_copy(update={"key": "good-key-2"})
+    with pytest.raises(OSError, match="disk full"):
+        run_export(world, config, trained=newer)
+    after = {p.relative_to(release): p.read_bytes() for p in release.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]  # no half-written sibling left behind
+
+
+def test_export_to_memory_url(world):
+    output = f"memory://releases/{uuid.uuid4().hex}/run"
+    config = make_config(world, output, update_latest=True)
+    result = export_task.fn(config, world.model, world.lora, None, world.data, world.tokenized, {"status": "completed"})
+    fs, path = storage.filesystem(output)
+    assert storage.is_complete(output)
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors", "tokenizer.json", "README.md", "run_manifest.json"):
+        assert fs.exists(f"{path}/{name}"), name
+    assert not fs.exists(f"{path}/eval")  # evaluation disabled: nothing to copy
+    assert "Not evaluated" in storage.read_text(storage.join(output, "README.md"))
+    with fsspec.open(output.rsplit("/", 1)[0] + "/LATEST", "r") as handle:
+        assert handle.read() == "run\n"
+    local = storage.local_copy(output)
+    model = AutoModelForCausalLM.from_pretrained(str(local), use_safetensors=True)
+    assert model.config.use_cache and result.stats["files"] > 10
+
+
+def test_an_evaluation_that_failed_the_gate_is_never_exported(world, tmp_path):
+    failed = world.evaluation.model_copy(update={"passed": False, "gate_message": "FAILED gate on eval_loss: base 1, tuned 2"})
+    with pytest.raises(QualityGateError, match="eval_loss"):
+        run_export(world, make_config(world, str(tmp_path / "release")), evaluation=failed)
+    assert not (tmp_path / "release").exists()
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_a_plain_template_release_renders_prompts_exactly_as_training(tmp_path, add_bos):
+    folder = tmp_path / "plain"
+    build_tokenizer(folder, chat_template=None, add_bos=add_bos)
+    config = SFTConfig(template=TemplateOptions(chat_template="auto", max_length=128))
+    tokenizer, matches = release_tokenizer(folder, config)
+    assert matches
+    original = formatting.load_tokenizer(folder)
+    conversation = [*PROBE, {"role": "assistant", "content": "Blue."}]
+    expected = formatting.render_prompt_ids(conversation, original, config.template)
+    text = tokenizer.apply_chat_template(PROBE, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.encode(text, add_special_tokens=False) == expected
+    assert (expected[0] == original.bos_token_id) is add_bos
+    full = tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert full == ("<|im_start|>" if add_bos else "") + formatting.render_plain(conversation, False, original.eos_token)

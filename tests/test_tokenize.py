@@ -1,0 +1,212 @@
+"""tokenize-and-cache: the Arrow entry, its statistics, and a cache keyed by content."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import pytest
+
+from schemas.config import TemplateOptions
+from schemas.manifests import DataArtifact, ModelArtifact
+from tasks import tokenize as stage
+from tasks.caching import content_cache_key
+from tasks.core import storage
+from tasks.core.collate import IGNORE_INDEX
+from tasks.core.formatting import TemplateError
+from tasks.core.hashing import hash_url
+from tasks.model import tokenizer_fingerprint
+from tests.conftest import ALPACA_ROWS
+from tests.tiny import build_tokenizer
+
+
+def canonical_rows() -> list[dict]:
+    rows = []
+    for i, row in enumerate(ALPACA_ROWS):
+        messages = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]
+        rows.append({"messages": messages, "split": "eval" if i % 4 == 3 else "train", "source": f"alpaca.json:{i}"})
+    rows.append({"messages": [{"role": "user", "content": "Say hello. " * 40},
+                              {"role": "assistant", "content": "Hello!"}], "split": "train", "source": "alpaca.json:8"})
+    rows.append({"messages": [{"role": "user", "content": "No answer here."}], "split": "train", "source": "alpaca.json:9"})
+    return rows
+
+
+def write_data(path: Path, rows: list[dict]) -> DataArtifact:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return DataArtifact(stage="validate-data", uri=str(path), key=hash_url(str(path)), report_uri="", stats={})
+
+
+def model_artifact(folder: Path) -> ModelArtifact:
+    return ModelArtifact(stage="import-model", uri=str(folder), key="tiny", source=str(folder),
+                         tokenizer_hash=tokenizer_fingerprint(folder))
+
+
+@pytest.fixture()
+def setup(tmp_path, tiny_tokenizer_dir):
+    data = write_data(tmp_path / "valid.jsonl", canonical_rows())
+    return SimpleNamespace(data=data, model=model_artifact(tiny_tokenizer_dir), options=TemplateOptions(max_length=96),
+                           cache=str(tmp_path / "cache"), tmp=tmp_path)
+
+
+def test_writes_arrow_splits_and_statistics(setup):
+    result = stage.tokenize_dataset(setup.data, setup.model, setup.options, setup.cache)
+    assert not result.store_hit and result.stage == "tokenize-and-cache"
+    assert storage.is_complete(result.uri) and result.uri.endswith(result.key)
+    loaded = datasets.load_from_disk(result.uri)
+    assert set(loaded) == {"train", "eval"}
+    train, evaluation = result.stats["train"], result.stats["eval"]
+    assert (train["rows"], train["kept"], train["dropped"]) == (8, 6, {"too_long": 1, "no_loss_tokens": 1})
+    assert (evaluation["rows"], evaluation["kept"], evaluation["truncated"]) == (2, 2, 0)
+    assert loaded["train"].num_rows == 6 and loaded["eval"].num_rows == 2
+    for row in loaded["train"]:
+        assert len(row["input_ids"]) == len(row["labels"]) == row["length"] <= 96
+        assert row["labels"][-2] == row["input_ids"][-2]  # <|im_end|> carries loss, the newline does not
+        assert row["labels"][-1] == IGNORE_INDEX
+    tokens = sum(loaded["train"]["length"])
+    loss = sum(sum(label != IGNORE_INDEX for label in row) for row in loaded["train"]["labels"])
+    assert (train["tokens"], train["loss_tokens"]) == (tokens, loss)
+    assert train["loss_fraction"] == round(loss / tokens, 4)
+    assert train["max_length"] == max(loaded["train"]["length"]) and result.stats["template"] == "model"
+    assert json.loads(Path(result.uri, "stats.json").read_text()) == result.stats
+
+
+def test_truncate_response_counts_truncated_rows(setup):
+    options = TemplateOptions(max_length=96, truncation="truncate_response")
+    result = stage.tokenize_dataset(setup.data, setup.model, options, setup.cache)
+    assert result.stats["train"]["truncated"] == 0  # the long row's prompt alone does not fit
+    assert result.stats["train"]["dropped"] == {"too_long": 0, "no_loss_tokens": 2}
+
+
+def test_cache_hit_is_fast_and_identical(setup):
+    first = stage.tokenize_dataset(setup.data, setup.model, setup.options, setup.cache)
+    started, cpu = time.perf_counter(), time.process_time()
+    second = stage.tokenize_dataset(setup.data, setup.model, setup.options, setup.cache)
+    # CPU time: the budget is the stage's own cost; wall time also counts other jobs on a shared box
+    assert time.process_time() - cpu < 1.0 and time.perf_counter() - started < 5.0
+    assert second.store_hit and (second.key, second.uri, second.stats) == (first.key, first.uri, first.stats)
+
+
+def _changed_tokenizer(setup) -> dict:
+    folder = setup.tmp / "other-tokenizer"
+    build_tokenizer(folder, chat_template=stage.formatting.PLAIN_USER + "{{ messages[0]['content'] }}")
+    return {"model": model_artifact(folder)}
+
+
+def _changed_data(setup) -> dict:
+    rows = canonical_rows()
+    rows[0]["messages"][1]["content"] += "!"  # one byte
+    return {"data": write_data(setup.tmp / "changed.jsonl", rows)}
+
+
+CHANGES = {
+    "data-byte": _changed_data,
+    "tokenizer-file": _changed_tokenizer,
+    "template": lambda s: {"options": s.options.model_copy(update={"chat_template": "plain"})},
+    "system-prompt-mode": lambda s: {"options": s.options.model_copy(update={"system_prompt_mode": "none"})},
+    "system-prompt-text": lambda s: {"options": s.options.model_copy(
+        update={"system_prompt_mode": "custom", "system_prompt": "Be brief."})},
+    "max-length": lambda s: {"options": s.options.model_copy(update={"max_length": 97})},
+    "truncation": lambda s: {"options": s.options.model_copy(update={"truncation": "truncate_response"})},
+    "train-on": lambda s: {"options": s.options.model_copy(update={"train_on": "last_assistant"})},
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_any_content_change_misses(setup, change):
+    base = dict(data=setup.data, model=setup.model, options=setup.options, cache_dir=setup.cache)
+    changed = {**base, **CHANGES[change](setup)}
+    assert stage.tokenize_entry(**changed)[0] != stage.tokenize_entry(**base)[0]
+
+
+def test_renamed_or_moved_data_hits(setup):
+    first = stage.tokenize_dataset(setup.data, setup.model, setup.options, setup.cache)
+    moved = setup.tmp / "elsewhere" / "renamed.jsonl"
+    moved.parent.mkdir()
+    shutil.move(setup.data.uri, moved)
+    data = DataArtifact(stage="validate-data", uri=str(moved), key=hash_url(str(moved)), report_uri="", stats={})
+    again = stage.tokenize_dataset(data, setup.model, setup.options, setup.cache)
+    assert again.store_hit and again.key == first.key
+
+
+def test_deleted_entry_is_rebuilt_and_not_served_by_prefect(setup):
+    first = stage.tokenize_dataset(setup.data, setup.model, setup.options, setup.cache)
+    prefect_key = content_cache_key(stage.tokenize_entry)
+    stored = set()  # a stand-in for Prefect's result store
+    context = SimpleNamespace(task=SimpleNamespace(name="tokenize-and-cache"), result_store=SimpleNamespace(
+        exists=lambda key: key in stored))
+    parameters = {"data": setup.data, "model": setup.model, "options": setup.options, "cache_dir": setup.cache}
+    key = prefect_key(context, parameters)
+    assert key.startswith(f"tokenize-and-cache-{first.key[:32]}")
+    stored.add(key)
+    shutil.rmtree(first.uri)
+    assert prefect_key(context, parameters) is None  # Prefect recomputes instead of returning a dead path
+    again = stage.tokenize_dataset(setup.data, setup.model, setup.options, setup.cache)
+    assert not again.store_hit and datasets.load_from_disk(again.uri)["train"].num_rows == 6
+
+
+def test_corrupt_entry_is_rebuilt(setup):
+    first = stage.tokenize_dataset(setup.data, setup.model, setup.options, setup.cache)
+    arrow = next(Path(first.uri, "train").glob("*.arrow"))
+    arrow.write_bytes(b"not arrow at all")
+    again = stage.tokenize_dataset(setup.data, setup.model, setup.options, setup.cache)
+    assert not again.store_hit
+    assert datasets.load_from_disk(again.uri)["train"].num_rows == 6
+    assert stage.tokenize_dataset(setup.data, setup.model, setup.options, setup.cache).store_hit
+
+
+def test_concurrent_builds_of_one_key_do_not_corrupt_it(setup, monkeypatch):
+    """Both runs build, then publish at the same moment: one entry, complete, no scratch left."""
+    barrier = threading.Barrier(2, timeout=30)
+    publish = stage.publish_entry
+
+    def publish_together(*args, **kwargs):
+        barrier.wait()
+        publish(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "publish_entry", publish_together)
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(stage.tokenize_dataset(setup.data, setup.model, setup.options, setup.cache))
+        except Exception as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 2 and results[0].uri == results[1].uri
+    assert stage.read_entry(results[0].uri) == results[0].stats
+    leftovers = [p.name for p in Path(results[0].uri).parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_template_error_names_the_source(setup, tmp_path):
+    folder = tmp_path / "unstable-tokenizer"
+    build_tokenizer(folder, chat_template="{% for m in messages %}{% if loop.last %}!{% endif %}"
+                                          "{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}")
+    with pytest.raises(TemplateError, match="alpaca.json:0"):
+        stage.tokenize_dataset(setup.data, model_artifact(folder), setup.options, setup.cache)
+
+
+def test_task_wrapper_runs_outside_a_flow(setup):
+    result = stage.tokenize_task.fn(setup.data, setup.model, setup.options, setup.cache)
+    assert result.stats["train"]["kept"] == 6
+
+
+def test_chunked_encoding_gives_the_same_dataset(setup, monkeypatch):
+    tokenizer = stage.formatting.load_tokenizer(setup.model.uri)
+    rows = stage.read_rows(setup.data.uri)
+    whole, whole_stats = stage.build_splits(rows, tokenizer, setup.options)
+    monkeypatch.setattr(stage, "CHUNK", 3)
+    chunked, chunked_stats = stage.build_splits(rows, tokenizer, setup.options)
+    assert chunked_stats == whole_stats
+    for split in stage.SPLITS:
+        assert chunked[split].to_dict() == whole[split].to_dict()

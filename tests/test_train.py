@@ -1,0 +1,279 @@
+"""The train stage on the tiny Llama: LoRA and full, accumulation, resume after kill -9, torchrun.
+
+Every run is a few steps on a 2-layer width-64 model, one CPU thread per process (oversubscribed
+intra-op threads make tiny steps 10-50x slower on a busy machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from schemas.config import LoraOptions, TrainOptions
+from schemas.manifests import TokenizedArtifact
+from tasks.core import storage, trainer
+from tasks.core.collate import IGNORE_INDEX
+from tasks.model import import_model
+from tasks.train import checkpoint_url, train_entry, train_model, train_spec, train_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # for the subprocesses and torchrun workers
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir, tmp_path_factory):
+    return import_model(str(tiny_model_dir), str(tmp_path_factory.mktemp("model-cache")))
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory, base) -> TokenizedArtifact:
+    """24 examples of 6-24 tokens whose prompts (no loss) and answers differ in length."""
+    import datasets
+
+    rng = random.Random(0)
+    vocab = base.stats.get("vocab_size") or 390
+    rows = []
+    for _ in range(24):
+        length = rng.randint(6, 24)
+        prompt = rng.randint(1, length - 2)
+        ids = [rng.randrange(3, vocab) for _ in range(length)]
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:], "length": length})
+    folder = tmp_path_factory.mktemp("tokenized") / "store"
+    store = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "eval": datasets.Dataset.from_list(rows[:4])})
+    store.save_to_disk(str(folder))
+    return TokenizedArtifact(stage="tokenize-and-cache", uri=str(folder), key="tiny-tokenized", stats={})
+
+
+def options(**changes) -> TrainOptions:
+    defaults = dict(
+        method="lora",
+        lora=LoraOptions(r=4, alpha=8.0),
+        learning_rate=1e-2,
+        warmup_ratio=0.0,
+        max_steps=3,
+        micro_batch_size=4,
+        seed=0,
+    )
+    return TrainOptions(**{**defaults, **changes})
+
+
+def weights(artifact) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    folder = Path(artifact.uri)
+    path = folder / "adapter" / "adapter_model.safetensors" if artifact.method == "lora" else folder / "model" / "model.safetensors"
+    return load_file(str(path))
+
+
+def assert_same_weights(a, b, atol=1e-5) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ one code path
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_changes_trainable_and_only_trainable_parameters(method, base, tokenized, tmp_path):
+    opts = options(method=method, learning_rate=1e-2 if method == "lora" else 1e-3).model_dump(mode="json")
+    spec = trainer.TrainSpec(base.uri, tokenized.uri, str(tmp_path / "out"), str(tmp_path / "ckpt"), opts, 1e-2)
+    session = trainer.Session(spec, trainer.start_runtime(opts), trainer.load_rows(tokenized.uri))
+    before = {name: p.detach().clone() for name, p in session.model.named_parameters()}
+    session.model.train()
+    for step in range(3):
+        session.step(step)
+    trainable = {name for name, p in session.model.named_parameters() if p.requires_grad}
+    changed = {name for name, p in session.model.named_parameters() if not torch.equal(before[name], p.detach())}
+    assert changed == trainable
+    if method == "lora":
+        assert trainable and all("lora_" in name for name in trainable)
+        assert len(trainable) < len(before)
+    else:
+        assert trainable == set(before)
+
+
+def test_train_model_outputs_curve_stats_and_store_hit(base, tokenized, tmp_path):
+    events = []
+    result = train_model(tokenized, base, options(checkpoint_every=2), str(tmp_path), progress=events.append)
+    folder = Path(result.uri)
+    assert storage.is_complete(result.uri) and not result.store_hit
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+    assert (folder / "adapter" / "adapter_config.json").is_file()
+    curve = storage.read_json(result.loss_curve_uri)
+    assert [r["step"] for r in curve] == [1, 2, 3]
+    assert {"step", "loss", "lr", "tokens", "loss_tokens", "elapsed_s"} <= set(curve[0])
+    assert curve[-1]["tokens"] > curve[0]["tokens"] > curve[0]["loss_tokens"] > 0
+    stats = result.stats
+    assert stats["steps"] == 3 and stats["final_loss"] == curve[-1]["loss"]
+    assert stats["device"] == "cpu" and stats["precision"] == "fp32" and stats["resumed_from_step"] == 0
+    assert stats["tokens_per_s"] > stats["loss_tokens_per_s"] > 0 and stats["peak_memory_gib"] > 0
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
+    assert not storage.exists(checkpoint_url(str(tmp_path), result.key))  # removed once published
+    again = train_model(tokenized, base, options(checkpoint_every=2), str(tmp_path))
+    assert again.store_hit and again.key == result.key and again.stats == stats
+
+
+def test_full_fine_tuning_saves_a_loadable_model(base, tokenized, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = train_model(tokenized, base, options(method="full", max_steps=2), str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(str(Path(result.uri) / "model"))
+    assert model.config.use_cache is True  # turned off for packed training only
+    assert (Path(result.uri) / "model" / "tokenizer.json").is_file()
+
+
+def test_key_ignores_placement_but_not_numerics(base, tokenized):
+    key = train_entry(tokenized, base, options(), "c")[0]
+    assert train_entry(tokenized, base, options(node_rank=1, rdzv_endpoint="10.0.0.1:1", checkpoint_every=7), "c")[0] == key
+    assert train_entry(tokenized, base, options(devices=2), "c")[0] != key
+    assert train_entry(tokenized, base, options(learning_rate=2e-2), "c")[0] != key
+
+
+def test_data_order_is_pure_and_ranks_are_disjoint():
+    order = trainer.DataOrder(10, seed=3)
+    batches = [trainer.DataOrder(10, seed=3).global_batch(step, 4) for step in range(5)]
+    assert batches == [order.global_batch(step, 4) for step in range(5)]
+    assert sorted(sum(batches[:2], []) + batches[2][:2]) == list(range(10))  # one epoch, then the next
+    shares = [trainer.rank_micro_batches(batches[0], rank, 2, 1) for rank in range(2)]
+    assert sorted(i for share in shares for micro in share for i in micro) == sorted(batches[0])
+
+
+def test_schedule_warms_up_then_decays():
+    factors = [trainer.lr_factor(step, 10, 2, "cosine") for step in range(10)]
+    assert factors[0] < factors[1] < factors[2] == 1.0 and factors[-1] < 0.05
+    assert trainer.lr_factor(9, 10, 0, "linear") == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_accumulation_equals_a_bigger_batch(packing, base, tokenized, tmp_path):
+    """micro 4 x accum 2 == micro 8 x accum 1: the loss is normalised by the loss tokens of the
+    whole accumulated batch, not averaged per micro-batch (the examples' loss counts differ)."""
+    counts = trainer.load_rows(tokenized.uri).loss_tokens
+    assert len(set(counts.tolist())) > 5
+    common = dict(method="full", learning_rate=1e-3, packing=packing)
+    accumulated = train_model(tokenized, base, options(micro_batch_size=4, grad_accum=2, **common), str(tmp_path))
+    single = train_model(tokenized, base, options(micro_batch_size=8, grad_accum=1, **common), str(tmp_path))
+    assert_same_weights(accumulated, single)
+    losses = lambda r: [x["loss"] for x in storage.read_json(r.loss_curve_uri)]  # noqa: E731
+    assert losses(accumulated) == pytest.approx(losses(single), rel=1e-5)
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(base, tokenized, tmp_path):
+    opts = options(max_steps=8, checkpoint_every=2, keep_checkpoints=2)
+    crashed_cache = tmp_path / "crashed"
+    key, url = train_entry(tokenized, base, opts, str(crashed_cache))
+    marker = Path(checkpoint_url(str(crashed_cache), key)) / "step-00000002" / storage.COMPLETE_MARKER
+    # The child runs the training core alone (no Prefect import), slowed by its progress callback.
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(asdict(train_spec(tokenized, base, opts, str(crashed_cache)))))
+    script = (
+        "import json, sys, time\n"
+        "from tasks.core.trainer import TrainSpec, train\n"
+        "train(TrainSpec(**json.load(open(sys.argv[1]))), progress=lambda event: time.sleep(0.4))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script, str(spec_file)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 90
+        while not marker.exists():
+            assert process.poll() is None, "the trainer ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL and not storage.is_complete(url)
+
+    resumed = train_model(tokenized, base, opts, str(crashed_cache))
+    assert resumed.stats["resumed_from_step"] >= 2 and resumed.stats["steps"] == 8
+    assert [r["step"] for r in storage.read_json(resumed.loss_curve_uri)] == list(range(1, 9))
+    uninterrupted = train_model(tokenized, base, opts, str(tmp_path / "clean"))
+    assert uninterrupted.stats["resumed_from_step"] == 0
+    assert_same_weights(resumed, uninterrupted, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- torchrun
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(base, tokenized, tmp_path_factory):
+    """One process, micro 2 x accum 2: the same global batch as two ranks of micro 2."""
+    return train_model(tokenized, base, options(micro_batch_size=2, grad_accum=2, max_steps=2), str(tmp_path_factory.mktemp("ref")))
+
+
+def test_torchrun_ddp_two_processes_match_one(base, tokenized, tmp_path, single_process_reference):
+    events = []
+    result = train_model(tokenized, base, options(micro_batch_size=2, devices=2, max_steps=2), str(tmp_path), progress=events.append)
+    assert result.stats["world_size"] == 2 and result.stats["strategy"] == "ddp"
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]  # rank 0's events reach the caller
+    assert_same_weights(result, single_process_reference)
+
+
+def test_torchrun_two_nodes_on_localhost_match_one_process(base, tokenized, tmp_path, single_process_reference):
+    endpoint = f"127.0.0.1:{free_port()}"
+    results, errors = {}, []
+
+    def node(rank: int) -> None:
+        try:
+            opts = options(micro_batch_size=2, nnodes=2, node_rank=rank, rdzv_endpoint=endpoint, max_steps=2)
+            results[rank] = train_model(tokenized, base, opts, str(tmp_path))
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not errors, errors
+    assert results[0].key == results[1].key  # node_rank is not part of the key
+    assert results[0].stats["world_size"] == 2
+    assert_same_weights(results[0], single_process_reference)
+
+
+def test_a_failing_worker_fails_the_stage_with_its_error(base, tokenized, tmp_path):
+    """Both workers find labels that do not match their input_ids; the stage raises their error."""
+    import datasets
+
+    broken = tmp_path / "broken"
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6], "length": 3}] * 4
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "eval": datasets.Dataset.from_list(rows)}).save_to_disk(str(broken))
+    store = TokenizedArtifact(stage="tokenize-and-cache", uri=str(broken), key="broken", stats={})
+    with pytest.raises(trainer.WorkerError, match=r"rank \d\) failed: ValueError: .*input_ids and labels differ in length"):
+        train_model(store, base, options(devices=2), str(tmp_path))
+    assert not storage.is_complete(train_entry(store, base, options(devices=2), str(tmp_path))[1])
+
+
+def test_train_task_outside_a_flow(base, tokenized, tmp_path):
+    """The Prefect wrapper's progress callback is harmless without a flow run."""
+    result = train_task.fn(tokenized, base, options(max_steps=1), str(tmp_path))
+    assert result.stats["steps"] == 1 and json.loads(Path(result.uri, "train_stats.json").read_text())["steps"] == 1
