@@ -106,7 +106,8 @@ def main() -> None:
 
     data_path = Path(workdir, "valid.jsonl")
     data_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    data = DataArtifact(stage="validate-data", uri=str(data_path), key=hash_url(str(data_path)), report_uri="", stats={})
+    data = DataArtifact(stage="validate-data", uri=str(data_path), key=hash_url(str(data_path)), report_uri="",
+                        stats={})
     cold_seconds, _ = best_of(1, lambda: tokenize_dataset(data, model, options, str(Path(workdir, "cache"))))
     hit_seconds, hit = best_of(1, lambda: tokenize_dataset(data, model, options, str(Path(workdir, "cache"))))
 

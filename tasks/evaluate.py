@@ -89,16 +89,16 @@ def _evaluate_into(scratch: Path, data, tokenized, model, trained, options, temp
     references = [sample["reference"] for sample in samples]
 
     scores, answers = {}, {}
-    base = modeling.load_causal_lm(base_dir, trust_remote_code, dtype, device)
+    current = modeling.load_causal_lm(base_dir, trust_remote_code, dtype, device)
     for name in ("base", "tuned"):
-        if name == "tuned":
-            base = modeling.load_tuned(base_dir, trained_dir, trained.method, trust_remote_code, dtype, device, base=base)
-        logger.info("Evaluating the %s model on %d eval rows", name, len(examples))
-        scores[name] = response_loss(base, examples, options.batch_size)
-        answers[name] = generate(base, tokenizer, prompts, options.max_new_tokens, options.batch_size)
+        if name == "tuned":  # LoRA wraps the loaded base in place; a full model replaces it
+            current = modeling.load_tuned(base_dir, trained_dir, trained.method, trust_remote_code, dtype, device, base=current)
+        logger.info("Evaluating the %s model on %d eval rows and %d prompts", name, len(examples), len(prompts))
+        scores[name] = response_loss(current, examples, options.batch_size)
+        answers[name] = generate(current, tokenizer, prompts, options.max_new_tokens, options.batch_size)
         scores[name].update(metrics.score_generations(answers[name], references))
         scores[name]["num_generated"] = len(answers[name])
-    del base
+    del current
     generations = [
         {"prompt": sample["prompt"], "reference": sample["reference"], "base": b, "tuned": t}
         for sample, b, t in zip(samples, answers["base"], answers["tuned"])

@@ -263,84 +263,127 @@ def write_model_card(scratch: Path, config, model, trained, evaluation, data, to
 
 def model_card(config: SFTConfig, model, trained, evaluation, data, tokenized, manifest) -> str:
     source = EMBEDDED_HUB_ID if model.source == EMBEDDED_MODEL else model.source
-    on_hub = "/" in source and not Path(source).exists() and "://" not in source
+    sections = [
+        _card_header(source, config, trained, manifest),
+        _card_training(config, data, tokenized, manifest),
+        _card_evaluation(evaluation),
+        _card_usage(source, config, trained, manifest),
+        _card_files(manifest, evaluation),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _card_header(source: str, config: SFTConfig, trained, manifest) -> str:
     front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["sft", "prefect-sft", trained.method]}
-    if on_hub:
-        front["base_model"] = source
-    merged = manifest["release"]["merged"]
+    if "/" in source and "://" not in source and not Path(source).exists():
+        front["base_model"] = source  # a hub id; local folders are named in the text only
+    method = "LoRA" if trained.method == "lora" else "full fine-tuning"
+    release = manifest["release"]
+    return (
+        f"---\n{yaml.safe_dump(front, sort_keys=False).strip()}\n---\n\n# Fine-tuned {source}\n\n"
+        f"Supervised fine-tune ({method}) of `{source}`, produced by the prefect-sft pipeline. "
+        f"Release key `{release['key']}`, exported {release['exported_at']}."
+    )
+
+
+def _card_training(config: SFTConfig, data, tokenized, manifest) -> str:
     train = config.train
-    hyper = {
+    held_out = (
+        f"held-out data {', '.join(f'`{url}`' for url in config.eval_data)}" if config.eval_data
+        else f"{config.data_options.eval_fraction} of the rows held out, chosen by content hash"
+    )
+    settings = {
         "method": train.method,
         "peak learning rate": train.peak_learning_rate,
         "scheduler": f"{train.lr_scheduler}, warmup ratio {train.warmup_ratio}",
-        "steps": train.max_steps if train.max_steps else f"{train.epochs} epochs",
+        "steps": train.max_steps or f"{train.epochs} epochs",
         "micro batch x grad accum": f"{train.micro_batch_size} x {train.grad_accum}",
         "packing": train.packing,
-        "max length": config.template.max_length,
+        "max length / truncation": f"{config.template.max_length} / {config.template.truncation}",
+        "chat template / system prompt / loss on": f"{config.template.chat_template} / {config.template.system_prompt_mode} / {config.template.train_on}",
         "weight decay / grad clip": f"{train.weight_decay} / {train.max_grad_norm}",
         "seed": train.seed,
     }
     if train.method == "lora":
-        hyper["LoRA"] = f"r={train.lora.r}, alpha={train.lora.alpha}, dropout={train.lora.dropout}, targets={', '.join(train.lora.target_modules)}"
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# Fine-tuned {source}", "",
-             f"Supervised fine-tune ({'LoRA' if train.method == 'lora' else 'full fine-tuning'}) of `{source}`, "
-             f"produced by the prefect-sft pipeline. Release key `{manifest['release']['key']}`, "
-             f"exported {manifest['release']['exported_at']}.", "", "## Training data", ""]
-    lines += [f"- Sources: {', '.join(f'`{url}`' for url in config.data)}"]
-    if config.eval_data:
-        lines += [f"- Held-out data: {', '.join(f'`{url}`' for url in config.eval_data)}"]
-    else:
-        lines += [f"- Held-out share: {config.data_options.eval_fraction} of the rows, chosen by content hash"]
-    lines += [f"- Validation: {_summary(data.stats)}", f"- Tokenization: {_summary(tokenized.stats)}",
-              f"- Data content hash (sha256 of the validated rows): `{manifest['hashes']['data']}`", "",
-              "## Hyperparameters", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in hyper.items()]
-    lines += ["", "## Evaluation", ""]
+        lora = train.lora
+        settings["LoRA"] = f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets={', '.join(lora.target_modules)}"
+    lines = ["## Training data", "", f"- Sources: {', '.join(f'`{url}`' for url in config.data)}; {held_out}",
+             f"- Validation: {_summary(data.stats)}", f"- Tokenization: {_summary(tokenized.stats)}",
+             f"- Content hash of the validated rows (sha256): `{manifest['hashes']['data']}`", "",
+             "## Hyperparameters", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in settings.items()]
+    lines += ["", "![training loss](training/loss_curve.png)"]
+    return "\n".join(lines)
+
+
+def _card_evaluation(evaluation) -> str:
     if evaluation is None:
-        lines += ["Not evaluated (eval.enabled was off): no quality gate was applied.", ""]
-    else:
-        lines += [f"Quality gate **{'passed' if evaluation.passed else 'FAILED'}**: {evaluation.gate_message}", "",
-                  "| metric | base | tuned | delta |", "|---|---|---|---|"]
-        for row in metric_rows(evaluation.stats.get("base", {}), evaluation.stats.get("tuned", {})):
-            lines.append("| " + " | ".join(_num(row[k]) for k in ("metric", "base", "tuned", "delta")) + " |")
-        lines += ["", "Loss and perplexity are over response tokens of the held-out rows (lower is better); the text "
-                  "metrics compare greedy answers with the reference answers (higher is better). Sample answers: "
-                  "`eval/generations.json`, full report: `eval/report.md`.", "", "![training loss](training/loss_curve.png)", ""]
+        return "## Evaluation\n\nNot evaluated (eval.enabled was off): no quality gate was applied."
+    lines = ["## Evaluation", "", f"Quality gate **{'passed' if evaluation.passed else 'FAILED'}**: {evaluation.gate_message}",
+             "", "| metric | base | tuned | delta |", "|---|---|---|---|"]
+    for row in metric_rows(evaluation.stats.get("base", {}), evaluation.stats.get("tuned", {})):
+        lines.append("| " + " | ".join(_num(row[k]) for k in ("metric", "base", "tuned", "delta")) + " |")
+    lines += ["", "Loss and perplexity are over the response tokens of the held-out rows (lower is better); the text "
+              "metrics compare greedy answers with the reference answers (higher is better). Sample answers side by "
+              "side: `eval/report.md`."]
+    return "\n".join(lines)
+
+
+LOAD_MERGED = """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", use_safetensors=True)
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+messages = [{{"role": "user", "content": "Hello!"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```"""
+LOAD_ADAPTER = """The LoRA adapter alone is in `adapter/`; apply it to `{source}` with peft:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{source}", use_safetensors=True)
+model = PeftModel.from_pretrained(base, "path/to/this/folder/adapter")
+```"""
+
+
+def _card_usage(source: str, config: SFTConfig, trained, manifest) -> str:
+    lines = ["## Intended use", "",
+             "A research and demonstration model: a small model adapted to the conversations in its training data. It "
+             "has not been evaluated for safety or factuality beyond the metrics above and can give wrong or biased "
+             "answers. Prompt it with the bundled chat template (`tokenizer.apply_chat_template`), the format it was "
+             "trained on."]
+    mode = config.template.system_prompt_mode
     if not manifest["release"]["chat_template_matches_training"]:
-        lines += [f"**Prompt format:** training used system_prompt_mode `{config.template.system_prompt_mode}`, which the bundled "
-                  "chat template does not reproduce by itself" + (f": pass the system prompt `{config.template.system_prompt}` "
-                  "as the first message." if config.template.system_prompt_mode == "custom" else
-                  ": training removed the template's default system prompt."), ""]
-    lines += ["## Intended use", "",
-              "A research and demonstration model: a small model adapted to the conversations in its training data. "
-              "It has not been evaluated for safety or factuality beyond the metrics above and can produce wrong or "
-              "biased answers. Prompt it with the bundled chat template (`tokenizer.apply_chat_template`), the format it "
-              "was trained on.", "", "## How to load", ""]
-    if merged:
-        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", use_safetensors=True)',
-                  'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
-                  'messages = [{"role": "user", "content": "Hello!"}]',
-                  'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
-                  "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
-                  'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
+        lines += ["", f"**Prompt format:** training used system_prompt_mode `{mode}`, which the bundled chat template "
+                  "does not reproduce by itself: " + (f"pass `{config.template.system_prompt}` as the system message."
+                  if mode == "custom" else "training removed the template's default system prompt.")]
+    lines += ["", "## How to load", ""]
+    if manifest["release"]["merged"]:
+        lines += [LOAD_MERGED.format(), ""]
     if trained.method == "lora":
-        lines += [f"The LoRA adapter alone is in `adapter/`; apply it to `{source}` with peft:", "", "```python",
-                  "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-                  f'base = AutoModelForCausalLM.from_pretrained("{source}", use_safetensors=True)',
-                  'model = PeftModel.from_pretrained(base, "path/to/this/folder/adapter")', "```", ""]
-    lines += ["## Files", "",
-              "- `model.safetensors` (or shards with `model.safetensors.index.json`), `config.json`, `generation_config.json`: the model"
-              + ("" if merged else " (not in this release: merge_lora was off)"),
-              "- tokenizer files and `chat_template.jinja`: the tokenizer with the chat template used in training",
-              "- `config.yaml`, `run_config.json`: the resolved run configuration (storage credentials redacted)",
-              "- `run_manifest.json`: stages, cache keys, content hashes of data, tokenizer, base model and code, library versions",
-              "- `training/loss_curve.json`, `training/loss_curve.png`: the training loss",
-              "- `eval/`: metrics.json (base, tuned, delta), gate.json, generations.json, report.md" if evaluation else "",
-              "", "## Reproducibility", "", "| content | hash |", "|---|---|"]
+        lines += [LOAD_ADAPTER.format(source=source)]
+    return "\n".join(lines).rstrip()
+
+
+def _card_files(manifest, evaluation) -> str:
+    model_files = "`model.safetensors` (or shards and `model.safetensors.index.json`), `config.json`, `generation_config.json`"
+    lines = ["## Files", "",
+             f"- {model_files}: the model" if manifest["release"]["merged"] else "- no merged model (export.merge_lora was off)",
+             "- tokenizer files and `chat_template.jinja`: the tokenizer with the chat template used in training",
+             "- `config.yaml`, `run_config.json`: the resolved run configuration (storage credentials redacted)",
+             "- `run_manifest.json`: stages, cache keys, content hashes of data, tokenizer, base model and code, library versions",
+             "- `training/loss_curve.json`, `training/loss_curve.png`: the training loss"]
+    if manifest["release"]["method"] == "lora":
+        lines.append("- `adapter/`: the LoRA adapter (peft, safetensors)")
+    if evaluation is not None:
+        lines.append("- `eval/`: metrics.json (base, tuned, delta), gate.json, generations.json, loss_curve.png, report.md")
+    lines += ["", "## Reproducibility", "", "| content | hash |", "|---|---|"]
     lines += [f"| {name} | `{value}` |" for name, value in manifest["hashes"].items() if value]
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    return "\n".join(lines)
 
 
 def _summary(stats: dict[str, Any]) -> str:

@@ -200,7 +200,9 @@ def test_prompt_ids_are_the_training_prefix(tokenizers, name):
 def test_prompt_ids_match_apply_chat_template(tokenizers):
     tokenizer = tokenizers["chatml"]
     messages = chat(Q1, A1, Q2, A2)
-    expected = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
+    expected = tokenizer.apply_chat_template(
+        messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert render_prompt_ids(messages, tokenizer, TemplateOptions()) == list(expected)
 
 

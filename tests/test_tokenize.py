@@ -32,7 +32,8 @@ def canonical_rows() -> list[dict]:
         rows.append({"messages": messages, "split": "eval" if i % 4 == 3 else "train", "source": f"alpaca.json:{i}"})
     rows.append({"messages": [{"role": "user", "content": "Say hello. " * 40},
                               {"role": "assistant", "content": "Hello!"}], "split": "train", "source": "alpaca.json:8"})
-    rows.append({"messages": [{"role": "user", "content": "No answer here."}], "split": "train", "source": "alpaca.json:9"})
+    rows.append({"messages": [{"role": "user", "content": "No answer here."}], "split": "train",
+                 "source": "alpaca.json:9"})
     return rows
 
 
