@@ -6,7 +6,6 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from schemas.manifests import DataArtifact, TokenizedArtifact
 from tasks.core import storage
 
 
@@ -34,13 +33,14 @@ def _flatten(stats: dict[str, Any], prefix: str = "") -> list[list[Any]]:
     return rows
 
 
-def format_dataset_stats(data: DataArtifact, tokenized: TokenizedArtifact) -> str:
+def format_dataset_stats(validation: dict[str, Any], tokenization: dict[str, Any]) -> str:
+    """Rows kept and dropped, token counts, truncation and the share of tokens carrying loss."""
     return "\n\n".join(
         [
             "Validation",
-            _table(["statistic", "value"], _flatten(data.stats)),
+            _table(["statistic", "value"], _flatten(validation)),
             "Tokenization",
-            _table(["statistic", "value"], _flatten(tokenized.stats)),
+            _table(["statistic", "value"], _flatten(tokenization)),
         ]
     )
 
@@ -54,6 +54,8 @@ def format_run_summary(manifest: dict[str, Any], wall_s: float) -> str:
             [[name, entry["cache"], entry["wall_s"], entry["uri"]] for name, entry in stages.items()],
         ),
     ]
+    if manifest.get("status") == "dry-run":
+        parts.append(format_dataset_stats(stages["validate-data"]["stats"], stages["tokenize-and-cache"]["stats"]))
     if "evaluate" in stages:
         parts.append(format_comparison(stages["evaluate"]["uri"]))
     return "\n\n".join(parts)

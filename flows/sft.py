@@ -88,7 +88,7 @@ def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
         model = ledger.run(import_model_task, config.model, config.cache_dir, config.trust_remote_code)
         tokenized = ledger.run(tokenize_task, data, model, config.template, config.cache_dir)
         if config.dry_run:
-            print(format_dataset_stats(data, tokenized))
+            print(format_dataset_stats(data.stats, tokenized.stats))
             return _finish(ledger, "dry-run")
         with tags(GPU_TAG):
             trained = ledger.run(train_task, tokenized, model, config.train, config.cache_dir)

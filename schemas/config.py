@@ -124,8 +124,9 @@ class TrainOptions(_Section):
 
 
 class GateOptions(_Section):
-    metric: Literal["eval_loss", "token_f1", "rouge_l", "exact_match"] = Field(
-        "eval_loss", description="Metric the quality gate compares between base and tuned."
+    metric: Literal["eval_loss", "token_f1", "rouge_l", "exact_match", "contains_reference"] = Field(
+        "eval_loss",
+        description="Metric the quality gate compares between base and tuned; eval_loss is lower-is-better, the others (over the generated answers) higher-is-better.",
     )
     max_regression: float | None = Field(
         0.0, description="Largest allowed worsening of the metric versus the base model (empty: no relative check)."

@@ -244,6 +244,7 @@ def test_disabled_evaluation_passes_without_computing(world, tmp_path):
         (GateOptions(metric="token_f1", max_regression=0.0), 0.5, 0.5, True, ["passed"]),
         (GateOptions(metric="rouge_l", max_regression=None, min_value=0.6), 0.1, 0.5, False, ["< min_value 0.6"]),
         (GateOptions(metric="exact_match", max_regression=None), 0.0, 0.0, True, ["threshold none"]),
+        (GateOptions(metric="contains_reference", max_regression=0.0), 0.0, 0.75, True, ["higher is better", "passed"]),
         (GateOptions(metric="eval_loss", max_regression=0.0), 2.0, None, False, ["unavailable"]),
         (GateOptions(metric="eval_loss", max_regression=0.0), 2.0, float("nan"), False, ["unavailable"]),
     ],

@@ -70,15 +70,21 @@ def test_second_run_with_nothing_changed_hits_every_cache(first_run):
     assert cached == {stage: "hit" for stage in STAGES}
 
 
-def test_dry_run_stops_before_training(first_run, tmp_path, tiny_model_dir, capsys):
+def test_dry_run_prints_statistics_and_stops_before_training(first_run, tmp_path, tiny_model_dir, capsys):
     config, _ = first_run
-    dry = config.model_copy(update={"dry_run": True, "output": str(tmp_path / "dry"), "cache_dir": str(tmp_path / "cache")})
-    manifest = sft(dry)
-    assert manifest["status"] == "dry-run"
-    assert list(manifest["stages"]) == STAGES[:3]
+    code = main(
+        ["--dry-run", "--data", config.data[0], "--model", str(tiny_model_dir), "--output", str(tmp_path / "dry"),
+         "--cache_dir", str(tmp_path / "cache"), "--data_options.eval_fraction", "0.25"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    for statistic in ("rows_kept", "train.tokens", "train.loss_fraction", "train.truncated", "dropped"):
+        assert statistic in out
+    manifests = list((tmp_path / "dry" / "attempts").glob("*-dry-run/run_manifest.json"))
+    assert len(manifests) == 1
+    assert list(json.loads(manifests[0].read_text())["stages"]) == STAGES[:3]
     assert not (tmp_path / "cache" / "train").exists()
     assert not (tmp_path / "dry" / "model.safetensors").exists()
-    assert "loss" in capsys.readouterr().out  # the statistics table mentions loss-carrying tokens
 
 
 def test_cli_bad_data_exits_non_zero_and_writes_nothing(prefect_harness, tmp_path, tiny_model_dir, capsys):

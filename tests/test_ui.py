@@ -4,10 +4,13 @@ artifacts. The server, deployment and run are the ones tests/test_deployments.py
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -40,12 +43,16 @@ class Browser:
             [CHROMIUM, *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
-        port_file = profile / "DevToolsActivePort"  # Chromium writes the port it picked here
-        wait_for(lambda: port_file.exists() and len(port_file.read_text().split()) >= 2, 60, "Chromium's DevTools port")
-        port = int(port_file.read_text().split()[0])
-        pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list"))
-        self.socket = connect(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"], max_size=None)
-        self.ids = itertools.count(1)
+        self.socket, self.ids = None, itertools.count(1)
+        try:
+            port_file = profile / "DevToolsActivePort"  # Chromium writes the port it picked here
+            wait_for(lambda: port_file.exists() and len(port_file.read_text().split()) >= 2, 60, "Chromium's DevTools port")
+            port = int(port_file.read_text().split()[0])
+            pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list"))
+            self.socket = connect(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"], max_size=None)
+        except BaseException:
+            self.close()
+            raise
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
         message_id = next(self.ids)
@@ -90,13 +97,15 @@ class Browser:
         assert clicked, f"nothing to click with the text {text!r}"
 
     def close(self) -> None:
-        self.socket.close()
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        """Stop Chromium and every process it started (its own process group)."""
+        if self.socket:
+            self.socket.close()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(20)
+                return
 
 
 def _normalise(text: str) -> str:
@@ -118,8 +127,10 @@ def browser(tmp_path_factory) -> Iterator[Browser]:
 def test_run_form_shows_every_config_field_with_its_description_and_default(browser: Browser, prefect_server: PrefectServer, deployments):
     deployment = deployments["manual"]
     schema = deployment["parameter_openapi_schema"]
-    fields = [prop for definition in schema["definitions"].values() for prop in definition["properties"].values()]
-    expected = [f"{prop['title']} (Optional)" for prop in fields] + [prop["description"] for prop in fields]
+    fields = [(name, prop) for definition in schema["definitions"].values() for name, prop in definition["properties"].items()]
+    # A nested section's property is a bare $ref: the UI titles it after its key, as pydantic does the rest.
+    titles = [prop.get("title", name.replace("_", " ").title()) for name, prop in fields]
+    expected = [f"{title} (Optional)" for title in titles] + [prop["description"] for _, prop in fields]
 
     browser.open(f"{prefect_server.url}/deployments/deployment/{deployment['id']}/run")
     browser.wait_for_text(["Parameters", *expected], "the run form with every config field")

@@ -470,10 +470,18 @@ def _full_state(model, optimizer, trainable_only: bool) -> tuple[dict, dict]:
     return get_state_dict(model, optimizer, options=options)
 
 
-def _unique_tensors(state: dict) -> dict:
-    """Drop aliases (tied embeddings) so safetensors accepts the dict; loading sets both."""
+def _unique_tensors(state: dict, model: torch.nn.Module) -> dict:
+    """Drop aliases (tied embeddings) so safetensors accepts the dict; loading sets both. FSDP
+    gathers tied parameters as separate copies, so aliases are found by parameter identity too."""
+    model = getattr(model, "module", model)
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(param), name)
+    aliases = {name for name, param in model.named_parameters(remove_duplicate=False) if first[id(param)] != name}
     seen, out = set(), {}
     for name, tensor in state.items():
+        if name in aliases:
+            continue
         pointer = (tensor.data_ptr(), tensor.shape, tensor.dtype)
         if pointer not in seen:
             seen.add(pointer)
@@ -490,7 +498,7 @@ def save_checkpoint(ckpts: Checkpoints, state: TrainState, model, optimizer, sch
     if not rt.main:
         return
     with storage.atomic_directory(ckpts.folder(state.step)) as scratch:
-        save_file(_unique_tensors(weights), str(scratch / TRAINABLE_FILE))
+        save_file(_unique_tensors(weights, model), str(scratch / TRAINABLE_FILE))
         torch.save(optim_state, scratch / "optimizer.pt")
         extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None, "rng": rng}
         torch.save(extra, scratch / "state.pt")
@@ -757,6 +765,7 @@ def publish_outputs(session: Session, state: TrainState, stats: dict) -> None:
     with storage.atomic_directory(session.spec.output_url) as scratch:
         target = scratch / ("adapter" if lora else "model")
         if not lora:  # fp32 master weights, saved as trained; export decides the release dtype
+            weights = _unique_tensors(weights, unwrapped)
             unwrapped.config.use_cache = True  # training turned it off for packing; inference wants it
         unwrapped.save_pretrained(str(target), state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(str(target))
