@@ -65,7 +65,7 @@ class RunLedger:
             "flow_run_id": str(flow_run.id) if flow_run.id else None,
             "started_at": self.started.isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(),
-            "config": self.config.model_dump(mode="json"),
+            "config": self.config.redacted_dump(),
             "stages": self.stages,
         }
 
@@ -92,7 +92,9 @@ def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
             return _finish(ledger, "dry-run")
         with tags(GPU_TAG):
             trained = ledger.run(train_task, tokenized, model, config.train, config.cache_dir)
-            evaluation = ledger.run(evaluate_task, data, tokenized, model, trained, config.eval, config.template, config.cache_dir)
+            evaluation = ledger.run(
+            evaluate_task, data, tokenized, model, trained, config.eval, config.template, config.cache_dir, config.trust_remote_code
+        )
         enforce_gate(evaluation)
         ledger.run(export_task, config, model, trained, evaluation, data, tokenized, ledger.manifest("completed"))
     except Exception:

@@ -177,6 +177,13 @@ class SFTConfig(BaseModel):
     eval: EvalOptions = Field(default_factory=EvalOptions, description="Base vs tuned evaluation and quality gate.")
     export: ExportOptions = Field(default_factory=ExportOptions, description="What the release contains.")
 
+    def redacted_dump(self) -> dict[str, Any]:
+        """The resolved config as JSON-able values, storage credentials replaced (keys kept), for
+        manifests and model cards that other people read."""
+        values = self.model_dump(mode="json")
+        values["data_options"]["storage_options"] = {name: "<redacted>" for name in self.data_options.storage_options}
+        return values
+
     @field_validator("data", "eval_data", mode="before")
     @classmethod
     def _one_url_is_a_list(cls, value: Any) -> Any:

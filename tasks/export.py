@@ -170,10 +170,7 @@ def save_weights(scratch: Path, base_dir: Path, trained_dir: Path, method: str, 
 
 
 def redacted_config(config: SFTConfig) -> dict[str, Any]:
-    """The resolved run config with storage credentials replaced (the keys stay, the values go)."""
-    values = config.model_dump(mode="json")
-    values["data_options"]["storage_options"] = _redact(values["data_options"]["storage_options"])
-    return values
+    return config.redacted_dump()
 
 
 def _redact(options: dict[str, Any]) -> dict[str, Any]:

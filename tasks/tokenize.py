@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from typing import Any
 
 import fsspec
@@ -94,7 +95,9 @@ def build_splits(rows: list[dict[str, Any]], tokenizer, options: TemplateOptions
     for split in SPLITS:
         columns = {name: pa.chunked_array(chunks, type=ids_type if name != "length" else pa.int32())
                    for name, chunks in arrays[split].items()}
-        splits[split] = datasets.Dataset(pa.table(columns))
+        # An explicit fingerprint skips datasets' dill-based hashing of the in-memory table: it is
+        # slow, and under Prefect's log_prints it dumps bytecode into the run log.
+        splits[split] = datasets.Dataset(pa.table(columns), fingerprint=uuid.uuid4().hex)
         stats[split] = merge_stats(results_by_split[split])
     return splits, stats
 

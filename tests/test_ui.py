@@ -1,6 +1,6 @@
 """The Prefect UI in headless Chromium, driven through the DevTools protocol: the deployment's run
-form shows every config field with its description and default, and the run's page lists its
-artifacts. The server, deployment and run are the ones tests/test_deployments.py uses."""
+form shows every config field with its description and default and refuses a value out of bounds,
+and the run's page lists its artifacts. The server, deployment and run are the ones tests/test_deployments.py uses."""
 
 from __future__ import annotations
 
@@ -21,9 +21,15 @@ import pytest
 from tests.server import ARTIFACT_KEYS, PrefectServer, wait_for
 
 pytest_plugins = ["tests.server"]
-pytestmark = pytest.mark.slow
-
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+pytestmark = [
+    pytest.mark.slow,
+    # Checked before any fixture starts a server.
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="Chromium not found: the UI test needs Debian's `chromium` package (`make test` installs it as root)",
+    ),
+]
 # Headless without a sandbox (tests run as root) and without any network of its own; a tall window
 # so the UI's virtual scrollers render every artifact card.
 FLAGS = [
@@ -115,8 +121,6 @@ def _normalise(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory) -> Iterator[Browser]:
-    if CHROMIUM is None:
-        pytest.skip("Chromium not found: the UI test needs Debian's `chromium` package (`make test` installs it as root)")
     page = Browser(tmp_path_factory.mktemp("chromium-profile"))
     try:
         yield page
@@ -138,6 +142,24 @@ def test_run_form_shows_every_config_field_with_its_description_and_default(brow
     values = browser.evaluate("[...document.querySelectorAll('input, textarea, select')].map(e => e.value)")
     for default in ("embedded:smollm2-135m-instruct", "outputs/sft-run", ".sft-cache", "1024", "lora", "eval_loss"):
         assert default in values, f"default {default!r} not in the form's inputs"
+
+
+def test_run_form_refuses_a_value_out_of_bounds(browser: Browser, prefect_server: PrefectServer, deployments):
+    """template.max_length 1 (its minimum is 8): Submit shows the server's refusal, no run starts."""
+    deployment_id = deployments["manual"]["id"]
+    runs_filter = {"deployments": {"id": {"any_": [deployment_id]}}}
+    runs_before = prefect_server.api("POST", "/flow_runs/count", json=runs_filter).json()
+    browser.open(f"{prefect_server.url}/deployments/deployment/{deployment_id}/run")
+    browser.wait_for_text(["Max Length (Optional)", "Submit"], "the run form")
+    focused = browser.evaluate(
+        "(() => { const el = [...document.querySelectorAll('input[type=number]')].find(e => e.value === '1024');"
+        " if (!el) return false; el.focus(); el.select(); return true })()"
+    )
+    assert focused, "no Max Length input showing its default 1024"
+    browser.call("Input.insertText", text="1")  # typed, so the form's own state changes
+    browser.click("Submit")
+    browser.wait_for_text(["config.template.max_length", "1 is less than the minimum of 8"], "the refusal on the form")
+    assert prefect_server.api("POST", "/flow_runs/count", json=runs_filter).json() == runs_before
 
 
 def test_flow_run_page_lists_the_run_artifacts(browser: Browser, prefect_server: PrefectServer, ui_run):

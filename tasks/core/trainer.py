@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -126,14 +128,14 @@ def load_rows(data_dir: str | Path, split: str = "train") -> TokenRows:
     state = json.loads((folder / "state.json").read_text())
     tables = [pa.ipc.open_stream(pa.memory_map(str(folder / f["filename"]))).read_all() for f in state["_data_files"]]
     table = pa.concat_tables(tables)
+    if table.num_rows == 0:
+        raise ValueError(f"{folder}: the split is empty")
     ids, labels = table.column("input_ids"), table.column("labels")
     lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
     if not np.array_equal(lengths, pc.list_value_length(labels).to_numpy(zero_copy_only=False)):
         raise ValueError(f"{folder}: input_ids and labels differ in length")
     flat = lambda column: torch.from_numpy(pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64))  # noqa: E731
     offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
-    if len(lengths) == 0:
-        raise ValueError(f"{folder}: the training split is empty")
     return TokenRows(flat(ids), flat(labels), offsets)
 
 
@@ -272,13 +274,8 @@ def resolve_attention(option: str, device: torch.device, packing: bool) -> str:
     elsewhere (its block-diagonal mask comes from the restarting position_ids)."""
     if option != "auto":
         return option
-    if device.type == "cuda" and packing:
-        try:
-            import torch.nn.attention.flex_attention  # noqa: F401
-
-            return "flex_attention"
-        except ImportError:
-            pass
+    if device.type == "cuda" and packing and importlib.util.find_spec("torch.nn.attention.flex_attention"):
+        return "flex_attention"
     return "sdpa"
 
 
@@ -426,9 +423,7 @@ class Checkpoints:
             fs.rm(storage.filesystem(self.folder(step))[1], recursive=True)
         if storage.is_local(self.url) and Path(path).is_dir():
             for leftover in Path(path).glob(".step-*.tmp-*"):
-                if time.time() - leftover.stat().st_mtime > 60:
-                    import shutil
-
+                if time.time() - leftover.stat().st_mtime > 60:  # not one being written right now
                     shutil.rmtree(leftover, ignore_errors=True)
 
     def remove_all(self) -> None:

@@ -1,0 +1,334 @@
+"""Ours against TRL's SFTTrainer on the same workload, side by side in one process.
+
+Workload: the records of alpaca_en_demo.json in the SmolLM2 chat template (ChatML with its default
+system prompt), max_length 1024, loss on the response only, on a random-init Llama of a given
+shape. Every row trains the same tokenized examples for --steps optimizer steps with the same
+micro-batch size (ours: that many examples packed into one row; TRL: that many rows).
+
+    python -m benchmarks.bench_train --shape tiny --steps 8 --records 200 --threads 2        # CPU
+    python -m benchmarks.bench_train --shape smollm2-135m --steps 60 --tokenizer /path/to/tok  # GPU
+    python -m benchmarks.bench_train --shape llama-1.7b --steps 40 --tokenizer /path/to/tok
+
+Reported per row: non-padding tokens/s and label tokens/s (steady state: from the end of step 1
+to the end of the last step), tokens per step, peak memory (CUDA: max allocated; CPU: peak RSS of
+this process since the row started), time to first step (from loading the model to the end of
+step 1) and MFU = 6 x params x tokens/s / peak FLOPs (989e12 on H100/H200, bf16 dense).
+
+Needs torch, transformers, peft; TRL rows need trl and datasets and are skipped with a note when
+they are missing. Tokenizes with tasks.core.formatting when it imports (it needs pydantic), else
+with a local ChatML masking function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tasks.core import trainer  # noqa: E402
+from tasks.core.collate import IGNORE_INDEX  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536),
+    "llama-1.7b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32, intermediate_size=8192),
+}
+VOCAB = 49152
+MAX_LENGTH = 1024
+H100_BF16_FLOPS = 989e12
+DATA_CANDIDATES = [base / "shared" / "data" / "alpaca_en_demo.json" for base in (ROOT, ROOT.parent)]
+DEFAULT_DATA = next((path for path in DATA_CANDIDATES if path.exists()), DATA_CANDIDATES[0])
+
+# TrainOptions' defaults, for GPU boxes without pydantic; checked against TrainOptions when it imports.
+FALLBACK_OPTIONS = {
+    "method": "lora", "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+    "learning_rate": None, "lr_scheduler": "cosine", "warmup_ratio": 0.05, "max_steps": None, "epochs": 3.0,
+    "micro_batch_size": 8, "grad_accum": 1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 42, "packing": True,
+    "device": "auto", "precision": "auto", "attention": "auto", "gradient_checkpointing": "auto", "compile": "auto",
+    "checkpoint_every": 50, "keep_checkpoints": 2, "devices": 1, "nnodes": 1, "node_rank": 0,
+    "rdzv_endpoint": "127.0.0.1:29500", "strategy": "ddp",
+}
+
+
+def default_options() -> dict:
+    try:
+        from schemas.config import TrainOptions
+    except ImportError:
+        return json.loads(json.dumps(FALLBACK_OPTIONS))
+    options = TrainOptions().model_dump(mode="json")
+    if options != FALLBACK_OPTIONS:
+        print("note: FALLBACK_OPTIONS in benchmarks/bench_train.py differ from TrainOptions; using TrainOptions")
+    return options
+
+
+# ------------------------------------------------------------------------------------- workload
+
+
+def alpaca_conversations(path: Path, records: int) -> list[list[dict]]:
+    rows = json.loads(Path(path).read_text())[:records]
+    conversations = []
+    for row in rows:
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        conversations.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}])
+    return conversations
+
+
+def encode(conversations: list[list[dict]], tokenizer) -> tuple[list[dict], str]:
+    """(examples, which encoder): the project's formatter when importable, else local ChatML."""
+    try:
+        from schemas.config import TemplateOptions
+        from tasks.core.formatting import encode_batch
+    except ImportError:
+        return [e for e in (chatml_encode(c, tokenizer) for c in conversations) if e], "local ChatML"
+    encoded = encode_batch(conversations, tokenizer, TemplateOptions(max_length=MAX_LENGTH))
+    examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if hasattr(e, "input_ids")]
+    return examples, "tasks.core.formatting"
+
+
+def chatml_encode(messages: list[dict], tokenizer) -> dict | None:
+    """The chat template renders the prompt; the answer and its <|im_end|> carry loss."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt_ids, answer_ids, tail_ids = ids(prompt), ids(messages[-1]["content"] + "<|im_end|>"), ids("\n")
+    input_ids = prompt_ids + answer_ids + tail_ids
+    if len(input_ids) > MAX_LENGTH:
+        return None
+    return {"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids + [IGNORE_INDEX] * len(tail_ids)}
+
+
+def find_tokenizer(path: str | None) -> str:
+    if path:
+        return path
+    try:
+        from tasks.model import import_model
+    except ImportError as error:
+        raise SystemExit(f"pass --tokenizer (a folder with SmolLM2's tokenizer): {error}")
+    return import_model("embedded:smollm2-135m-instruct", os.environ.get("SFT_BENCH_CACHE", "/tmp/sftcache")).uri
+
+
+def build_model(shape: str, tokenizer, folder: Path, dtype: torch.dtype) -> int:
+    """Save a random-init Llama of the shape; returns its parameter count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SHAPES[shape],
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------- measuring
+
+
+class Memory:
+    """Peak memory of one row: CUDA max allocated, or this process's peak RSS (VmHWM, reset)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        elif Path("/proc/self/clear_refs").exists():
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak_gib(self) -> float | None:
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**30
+        status = Path("/proc/self/status")
+        if status.exists():
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+        return None
+
+
+def summarise(name: str, marks: list[tuple[float, int, int]], started: float, loss: float | None, memory: float | None) -> dict:
+    """marks: (time at the end of step k, tokens so far, label tokens so far) for k = 1..N."""
+    (t1, tok1, lab1), (tn, tokn, labn) = marks[0], marks[-1]
+    seconds = max(tn - t1, 1e-9)
+    return {
+        "name": name,
+        "steps": len(marks),
+        "tokens_per_s": (tokn - tok1) / seconds if len(marks) > 1 else tok1 / max(t1 - started, 1e-9),
+        "label_tokens_per_s": (labn - lab1) / seconds if len(marks) > 1 else lab1 / max(t1 - started, 1e-9),
+        "tokens_per_step": tokn / len(marks),
+        "first_step_s": t1 - started,
+        "peak_gib": memory,
+        "final_loss": loss,
+    }
+
+
+def run_ours(model_dir: Path, examples: list[dict], args, device: str, memory: Memory) -> dict:
+    options = default_options()
+    options.update(method=args.method, max_steps=args.steps, micro_batch_size=args.micro_batch, checkpoint_every=args.steps + 1)
+    if args.compile:
+        options["compile"] = args.compile
+    peak_lr = options["learning_rate"] or (1e-3 if args.method == "lora" else 2e-5)
+    rows = trainer.TokenRows.from_examples(examples)
+    marks, losses = [], []
+
+    def progress(event: dict) -> None:
+        marks.append((time.perf_counter(), event["tokens"], event["loss_tokens"]))
+        losses.append(event["loss"])
+
+    with tempfile.TemporaryDirectory(prefix="bench-ours-") as out:
+        spec = trainer.TrainSpec(str(model_dir), "", f"{out}/result", f"{out}/checkpoints", options, peak_lr)
+        memory.reset()
+        started = time.perf_counter()
+        stats = trainer.run_worker(spec, progress=progress, rows=rows)
+        peak = memory.peak_gib()
+    label = f"ours ({stats['attention']}, packed, {'compiled' if stats['compiled'] else 'eager'}, gc {'on' if stats['gradient_checkpointing'] else 'off'})"
+    return summarise(label, marks, started, losses[-1], peak)
+
+
+def run_trl(name: str, model_dir: Path, examples: list[dict], args, device: str, memory: Memory, best: bool) -> dict:
+    import datasets
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    cuda = device == "cuda"
+    dataset = datasets.Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]})
+    flags = dict(packing=True, gradient_checkpointing=False, torch_compile=cuda and args.compile != "off") if best else {}
+    attention = "flex_attention" if best and cuda else "sdpa"
+    peak_lr = 1e-3 if args.method == "lora" else 2e-5
+    marks, counts, losses = [], [], []
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            done = counts[: state.global_step]  # the dataloader may have collated one batch ahead
+            marks.append((time.perf_counter(), sum(c[0] for c in done), sum(c[1] for c in done)))
+
+        def on_log(self, _args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
+        config = SFTConfig(
+            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.micro_batch, max_length=MAX_LENGTH,
+            learning_rate=peak_lr, logging_steps=1, save_strategy="no", report_to=[], seed=0,
+            bf16=cuda, use_cpu=not cuda, model_init_kwargs={"attn_implementation": attention}, **flags,
+        )
+        peft_config = None
+        if args.method == "lora":
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=FALLBACK_OPTIONS["lora"]["target_modules"], task_type="CAUSAL_LM")
+        memory.reset()
+        started = time.perf_counter()
+        sft = SFTTrainer(model=str(model_dir), args=config, train_dataset=dataset, peft_config=peft_config, callbacks=[Marks()])
+        sft.data_collator = _Counting(sft.data_collator, counts)
+        sft.train()
+        peak = memory.peak_gib()
+        del sft
+    label = f"TRL {name} ({attention}, {'packed' if best else 'padded'}, gc {'off' if best else 'on'}{', compiled' if flags.get('torch_compile') else ''})"
+    return summarise(label, marks, started, losses[-1] if losses else None, peak)
+
+
+class _Counting:
+    """Wraps TRL's collator to count each batch's non-padding and label tokens, in order."""
+
+    def __init__(self, collator, counts: list):
+        self.collator, self.counts = collator, counts
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        ids = batch["input_ids"]
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
+        self.counts.append((tokens, int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())))
+        return batch
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def markdown(rows: list[dict], params: int, peak_flops: float | None, notes: list[str]) -> str:
+    ours = rows[0]
+    lines = [
+        "| run | tokens/s | label tokens/s | tokens/step | peak GiB | first step s | MFU | final loss | ours vs it (tokens/s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        mfu = f"{6 * params * row['tokens_per_s'] / peak_flops:.1%}" if peak_flops else "n/a"
+        peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "n/a"
+        loss = f"{row['final_loss']:.3f}" if row["final_loss"] is not None else "n/a"
+        ratio = f"{ours['tokens_per_s'] / row['tokens_per_s']:.2f}x" if row is not ours else "1.00x"
+        lines.append(
+            f"| {row['name']} | {row['tokens_per_s']:,.0f} | {row['label_tokens_per_s']:,.0f} | {row['tokens_per_step']:,.0f} "
+            f"| {peak} | {row['first_step_s']:.1f} | {mfu} | {loss} | {ratio} |"
+        )
+    return "\n".join(lines + [""] + [f"- {note}" for note in notes])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    parser.add_argument("--records", type=int, default=999, help="alpaca records to use (at most 999)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="examples per step (ours: packed into one row)")
+    parser.add_argument("--method", choices=["full", "lora"], default="full")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="alpaca_en_demo.json")
+    parser.add_argument("--tokenizer", default=None, help="folder with SmolLM2's tokenizer (default: import the embedded model)")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default=None, help="ours: options.compile; 'off' also disables TRL's")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: 989 on H100/H200)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(find_tokenizer(args.tokenizer))
+    examples, encoder = encode(alpaca_conversations(Path(args.data), args.records), tokenizer)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (H100_BF16_FLOPS if any(g in name for g in ("H100", "H200")) else None)
+    notes = [
+        f"{len(examples)} examples ({encoder}), {sum(len(e['input_ids']) for e in examples):,} tokens, shape {args.shape}, "
+        f"method {args.method}, {args.steps} steps of {args.micro_batch} examples, device {name}, torch {torch.__version__}",
+        "tokens/s and label tokens/s are steady state (end of step 1 to the end of the last step); first step includes loading.",
+    ]
+    memory = Memory(device)
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as folder:
+        params = build_model(args.shape, tokenizer, Path(folder), torch.bfloat16 if device == "cuda" else torch.float32)
+        notes.append(f"{params / 1e6:.1f}M parameters; MFU = 6 x params x tokens/s / peak" + ("" if peak_flops else " (n/a: no known peak)"))
+        rows = [run_ours(Path(folder), examples, args, device, memory)]
+        try:
+            import datasets  # noqa: F401  (the TRL rows need it too)
+            import trl
+
+            notes.append(f"TRL {trl.__version__}; TRL's bf16 default is kept on CUDA and turned off on CPU (fp32 everywhere on CPU).")
+            if not args.skip_trl:
+                rows.append(run_trl("defaults", Path(folder), examples, args, device, memory, best=False))
+                rows.append(run_trl("best", Path(folder), examples, args, device, memory, best=True))
+        except ImportError as error:
+            notes.append(f"TRL rows skipped: {error}")
+    print()
+    print(markdown(rows, params, peak_flops, notes))
+
+
+if __name__ == "__main__":
+    main()
