@@ -93,8 +93,9 @@ def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
         with tags(GPU_TAG):
             trained = ledger.run(train_task, tokenized, model, config.train, config.cache_dir)
             evaluation = ledger.run(
-            evaluate_task, data, tokenized, model, trained, config.eval, config.template, config.cache_dir, config.trust_remote_code
-        )
+                evaluate_task, data, tokenized, model, trained, config.eval, config.template, config.cache_dir,
+                config.trust_remote_code,
+            )
         enforce_gate(evaluation)
         ledger.run(export_task, config, model, trained, evaluation, data, tokenized, ledger.manifest("completed"))
     except Exception:
