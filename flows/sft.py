@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, tags
+from prefect import flow, tags
 from prefect.runtime import flow_run
 
 from flows.cli import config_from_args

@@ -116,15 +116,6 @@ def build_world(tmp: Path, model_dir: Path, kinds: tuple[str, ...] = ("good", "b
     return world
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and several times faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
     return build_world(tmp_path_factory.mktemp("eval-world"), tiny_model_dir)

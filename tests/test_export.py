@@ -30,15 +30,6 @@ PROBE = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and several times faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
     tmp = tmp_path_factory.mktemp("export-world")

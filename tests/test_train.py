@@ -30,15 +30,6 @@ from tasks.train import checkpoint_url, train_entry, train_model, train_spec, tr
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"  # for the subprocesses and torchrun workers
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base(tiny_model_dir, tmp_path_factory):
     return import_model(str(tiny_model_dir), str(tmp_path_factory.mktemp("model-cache")))
