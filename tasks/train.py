@@ -28,8 +28,13 @@ LOG_EVERY = 10  # steps between loss lines in the run log
 
 
 def train_entry(tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str) -> tuple[str, str]:
-    """(key, url) of the trained weights: data, model, every option that changes the result, code."""
+    """(key, url) of the trained weights: data, model, every option that changes the result, code.
+
+    The batch enters as its effective size only: the loss is normalised over the whole
+    accumulated batch, so 4 x 2 trains the same weights as 8 x 1, and an out-of-memory retry that
+    splits the micro-batch keeps the key (and the checkpoints it resumes from)."""
     values = {name: value for name, value in options.model_dump(mode="json").items() if name not in NOT_IN_KEY}
+    values["effective_batch"] = values.pop("micro_batch_size") * values.pop("grad_accum")
     key = hashing.hash_parts("train", tokenized.key, model.key, values, CODE_VERSION)[:24]
     return key, storage.join(cache_dir, "train", key)
 
@@ -132,6 +137,60 @@ class PrefectProgress:
         self.last_update = time.monotonic()
 
 
+def split_micro_batch(options: TrainOptions) -> TrainOptions | None:
+    """The same effective batch in micro-batches half the size, or None when they cannot shrink."""
+    if options.micro_batch_size == 1:
+        return None
+    half = options.micro_batch_size // 2
+    accum = options.grad_accum * options.micro_batch_size // half
+    if half * accum != options.micro_batch_size * options.grad_accum:
+        return None  # an odd micro-batch cannot be halved without changing the effective batch
+    return options.model_copy(update={"micro_batch_size": half, "grad_accum": accum})
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Out of device memory, in this process or reported by a torchrun worker."""
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, trainer.WorkerError) and "OutOfMemoryError" in str(error)
+    )
+
+
+def train_until_it_fits(
+    tokenized: TokenizedArtifact,
+    model: ModelArtifact,
+    options: TrainOptions,
+    cache_dir: str,
+    progress: Callable[[dict], None] | None = None,
+) -> TrainArtifact:
+    """train_model, halving the micro-batch and doubling accumulation after each CUDA OOM; the
+    effective batch, the cache key and the checkpoints to resume from stay the same."""
+    while True:
+        try:
+            return train_model(tokenized, model, options, cache_dir, progress)
+        except Exception as error:
+            smaller = split_micro_batch(options) if is_out_of_memory(error) else None
+            if smaller is None:
+                raise
+            logger.warning(
+                "out of memory at micro-batch %d; retrying with %d x %d accumulation",
+                options.micro_batch_size, smaller.micro_batch_size, smaller.grad_accum,
+            )
+            options = smaller
+            _release_cuda_memory()
+
+
+def _release_cuda_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @task(
     name="train",
     cache_key_fn=content_cache_key(train_entry),
@@ -140,4 +199,4 @@ class PrefectProgress:
     retry_delay_seconds=[5, 30],
 )
 def train_task(tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str) -> TrainArtifact:
-    return train_model(tokenized, model, options, cache_dir, progress=PrefectProgress())
+    return train_until_it_fits(tokenized, model, options, cache_dir, progress=PrefectProgress())

@@ -145,6 +145,13 @@ def test_key_ignores_placement_but_not_numerics(base, tokenized):
     assert train_entry(tokenized, base, options(node_rank=1, rdzv_endpoint="10.0.0.1:1", checkpoint_every=7), "c")[0] == key
     assert train_entry(tokenized, base, options(devices=2), "c")[0] != key
     assert train_entry(tokenized, base, options(learning_rate=2e-2), "c")[0] != key
+    # The batch counts as its effective size: 4 x 2 trains what 8 x 1 trains (tested below).
+    assert train_entry(tokenized, base, options(micro_batch_size=4, grad_accum=2), "c")[0] == train_entry(
+        tokenized, base, options(micro_batch_size=8, grad_accum=1), "c"
+    )[0]
+    assert train_entry(tokenized, base, options(micro_batch_size=4, grad_accum=1), "c")[0] != train_entry(
+        tokenized, base, options(micro_batch_size=8, grad_accum=1), "c"
+    )[0]
 
 
 def test_data_order_is_pure_and_ranks_are_disjoint():
@@ -178,8 +185,9 @@ def test_accumulation_equals_a_bigger_batch(packing, base, tokenized, tmp_path):
     counts = trainer.load_rows(tokenized.uri).loss_tokens
     assert len(set(counts.tolist())) > 5
     common = dict(method="full", learning_rate=1e-3, packing=packing)
-    accumulated = train_model(tokenized, base, options(micro_batch_size=4, grad_accum=2, **common), str(tmp_path))
-    single = train_model(tokenized, base, options(micro_batch_size=8, grad_accum=1, **common), str(tmp_path))
+    accumulated = train_model(tokenized, base, options(micro_batch_size=4, grad_accum=2, **common), str(tmp_path / "a"))
+    single = train_model(tokenized, base, options(micro_batch_size=8, grad_accum=1, **common), str(tmp_path / "b"))
+    assert not accumulated.store_hit and not single.store_hit  # both really trained
     assert_same_weights(accumulated, single)
     losses = lambda r: [x["loss"] for x in storage.read_json(r.loss_curve_uri)]  # noqa: E731
     assert losses(accumulated) == pytest.approx(losses(single), rel=1e-5)
@@ -274,6 +282,35 @@ def test_train_task_outside_a_flow(base, tokenized, tmp_path):
     """The Prefect wrapper's progress callback is harmless without a flow run."""
     result = train_task.fn(tokenized, base, options(max_steps=1), str(tmp_path))
     assert result.stats["steps"] == 1 and json.loads(Path(result.uri, "train_stats.json").read_text())["steps"] == 1
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(base, tokenized, tmp_path, monkeypatch):
+    from tasks import train as stage
+
+    tried = []
+    real = stage.train_model
+
+    def fails_above_two(tokenized, model, opts, cache_dir, progress=None):
+        tried.append((opts.micro_batch_size, opts.grad_accum))
+        if opts.micro_batch_size > 2:
+            raise trainer.WorkerError("training worker (rank 0) failed: OutOfMemoryError: CUDA out of memory")
+        return real(tokenized, model, opts, cache_dir, progress)
+
+    monkeypatch.setattr(stage, "train_model", fails_above_two)
+    result = stage.train_until_it_fits(tokenized, base, options(micro_batch_size=8, grad_accum=1, max_steps=1), str(tmp_path))
+    assert tried == [(8, 1), (4, 2), (2, 4)]
+    assert result.key == train_entry(tokenized, base, options(micro_batch_size=8, grad_accum=1, max_steps=1), str(tmp_path))[0]
+    assert stage.split_micro_batch(options(micro_batch_size=1)) is None
+    odd = stage.split_micro_batch(options(micro_batch_size=3, grad_accum=2))
+    assert (odd.micro_batch_size, odd.grad_accum) == (1, 6)  # 3 x 2 == 1 x 6
+
+
+def test_other_errors_are_not_retried_with_a_smaller_batch(base, tokenized, tmp_path, monkeypatch):
+    from tasks import train as stage
+
+    monkeypatch.setattr(stage, "train_model", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad data")))
+    with pytest.raises(ValueError, match="bad data"):
+        stage.train_until_it_fits(tokenized, base, options(micro_batch_size=8), str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------- GPU
