@@ -44,7 +44,7 @@ test: install $(VENV)/.installed-chromium
 bench: install-demo
 	$(PIP) install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench_tokenize
-	$(BIN)/python -m benchmarks.bench_train --shape tiny
+	$(BIN)/python -m benchmarks.bench_train --shape tiny --steps 5 --records 64 --micro-batch 8 --threads 2
 
 clean:
 	rm -rf $(VENV) .sft-cache outputs
