@@ -26,7 +26,7 @@ from prefect import task
 
 from schemas.config import EMBEDDED_MODEL, SFTConfig
 from schemas.manifests import DataArtifact, EvalArtifact, ExportArtifact, ModelArtifact, TokenizedArtifact, TrainArtifact
-from tasks.core import formatting, hashing, modeling, storage
+from tasks.core import embedded, formatting, hashing, modeling, storage
 from tasks import evaluate
 from tasks.evaluate import metric_rows, plot_loss_curve, read_loss_curve
 
@@ -285,8 +285,10 @@ def _card_header(source: str, config: SFTConfig, trained, manifest) -> str:
 
 def _card_training(config: SFTConfig, data, tokenized, manifest) -> str:
     train = config.train
+    shipped_eval = embedded.embedded_eval_urls(config.data)  # embedded datasets bring their own
     held_out = (
         f"held-out data {', '.join(f'`{url}`' for url in config.eval_data)}" if config.eval_data
+        else "the embedded dataset's own held-out file" if shipped_eval
         else f"{config.data_options.eval_fraction} of the rows held out, chosen by content hash"
     )
     settings = {
