@@ -77,12 +77,6 @@ class LoraOptions(_Section):
 
 
 class TrainOptions(_Section):
-    @property
-    def peak_learning_rate(self) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return 1e-3 if self.method == "lora" else 2e-5
-
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapters (peft) or full fine-tuning.")
     lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA settings (method 'lora').")
     learning_rate: float | None = Field(
@@ -121,6 +115,12 @@ class TrainOptions(_Section):
     node_rank: int = Field(0, ge=0, description="This node's rank when nnodes > 1.")
     rdzv_endpoint: str = Field("127.0.0.1:29500", description="torchrun rendezvous host:port for multi-node runs.")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallelism: DDP, or FSDP for models that do not fit one device.")
+
+    @property
+    def peak_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-3 if self.method == "lora" else 2e-5
 
 
 class GateOptions(_Section):
