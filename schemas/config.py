@@ -139,7 +139,7 @@ class EvalOptions(_Section):
     enabled: bool = Field(True, description="Evaluate base and tuned models on the held-out rows.")
     batch_size: int = Field(8, ge=1, description="Examples per evaluation forward pass.")
     num_generate: int = Field(16, ge=0, description="Held-out prompts to generate answers for (base and tuned).")
-    max_new_tokens: int = Field(48, ge=1, description="Longest generated answer (greedy).")
+    max_new_tokens: int = Field(32, ge=1, description="Longest generated answer (greedy).")
     gate: GateOptions = Field(default_factory=GateOptions, description="Quality gate; a failing model is not exported.")
 
 
