@@ -140,7 +140,8 @@ def local_copy(url: str, storage_options: dict[str, Any] | None = None) -> Path:
     cache_root = Path(os.environ.get("SFT_LOCAL_CACHE", Path(tempfile.gettempdir()) / "prefect-sft-downloads"))
     local = cache_root / path.strip("/").replace("/", "__")
     if not (local / COMPLETE_MARKER).exists():
-        scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=cache_root.mkdir(parents=True, exist_ok=True) or cache_root))
+        cache_root.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=cache_root))
         fs.get(path.rstrip("/") + "/", str(scratch), recursive=True)
         (scratch / COMPLETE_MARKER).write_text("ok\n")
         _swap_into_place(scratch, local, replace=True)
