@@ -59,6 +59,7 @@ COMPILE_MIN_STEPS = 100  # compile='auto' compiles only runs at least this long
 MEMORY_HEADROOM = 0.85  # gradient_checkpointing='auto' turns on above this share of free memory
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINABLE_FILE = "trainable.safetensors"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class WorkerError(RuntimeError):
@@ -809,7 +810,9 @@ def launch_torchrun(spec: TrainSpec, progress: Progress | None = None) -> dict:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         command = torchrun_command(spec_file, spec.options, spec.run_id)
         logger.info("Launching %s", " ".join(command))
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root, text=True, bufsize=1)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root, text=True, bufsize=1, preexec_fn=_die_with_parent()
+        )
         errors, tail = _stream(process, progress)
     if process.returncode != 0:
         if errors:
@@ -817,6 +820,20 @@ def launch_torchrun(spec: TrainSpec, progress: Progress | None = None) -> dict:
             raise WorkerError(f"training worker (rank {first['rank']}) failed: {first['type']}: {first['message']}")
         raise WorkerError(f"torchrun exited with {process.returncode}:\n" + "".join(tail))
     return storage.read_json(storage.join(spec.output_url, "train_stats.json"))
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, have the kernel send torchrun SIGTERM when the launching thread dies, even by
+    SIGKILL (torchrun then stops its workers): otherwise an orphaned run keeps the GPUs busy and
+    races the retry that resumes from the same checkpoints. prctl is looked up here, before the
+    fork, so the child only makes the one system call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _stream(process: subprocess.Popen, progress: Progress | None) -> tuple[list[dict], deque]:
