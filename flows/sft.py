@@ -26,16 +26,23 @@ from flows.report import format_dataset_stats, format_run_summary
 from schemas.config import SFTConfig
 from schemas.manifests import StageResult
 from tasks.core import storage
-from tasks.evaluate import QualityGateError, enforce_gate, evaluate_task
+from tasks.evaluate import QualityGateError, enforce_gate, evaluate_task, publish_eval_artifacts
 from tasks.export import export_task
 from tasks.model import import_model_task
-from tasks.tokenize import tokenize_task
+from tasks.tokenize import publish_tokenize_stats, tokenize_task
 from tasks.train import train_task
-from tasks.validate import DataValidationError, validate_task
+from tasks.validate import DataValidationError, publish_validation_table, validate_task
 
 # The stages that use the GPU carry this tag. With a tag concurrency limit on the server
 # (`prefect concurrency-limit create gpu 1`), runs sharing a GPU take turns at them.
 GPU_TAG = "gpu"
+
+# The artifacts of each cacheable stage, published again by the flow when the stage is a cache hit.
+REPUBLISH = {
+    "validate-data": publish_validation_table,
+    "tokenize-and-cache": publish_tokenize_stats,
+    "evaluate": publish_eval_artifacts,
+}
 
 
 class RunLedger:
@@ -50,6 +57,8 @@ class RunLedger:
         started = time.perf_counter()
         state = task.with_options(**_result_storage(self.config))(*args, return_state=True)
         result: StageResult = state.result()  # re-raises the stage's error after its retries
+        if state.name == "Cached" and result.stage in REPUBLISH:
+            REPUBLISH[result.stage](result)  # the task body, which publishes them, did not run
         self.stages[result.stage] = {
             "uri": result.uri,
             "key": result.key,
@@ -105,15 +114,17 @@ def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
 
 
 def _finish(ledger: RunLedger, status: str, exported: bool = False) -> dict[str, Any]:
-    """Record the run. An exported release already holds its manifest; other runs write theirs
-    under `<output>/attempts/` so an existing release is never overwritten by a failed attempt."""
+    """Record the run. A release this run wrote already holds its manifest; export adds its own
+    timing to it. Other runs (dry, failed, or one that found the same release already in place)
+    write theirs under `<output>/attempts/`, so a release only ever describes the run that built it."""
     manifest = ledger.manifest(status)
     options = ledger.config.data_options.storage_options
     stamp = ledger.started.strftime("%Y%m%dT%H%M%SZ")
-    url = storage.join(ledger.config.output, "run_manifest.json") if exported else storage.join(
+    built_release = exported and ledger.stages["export"]["cache"] == "miss"
+    url = storage.join(ledger.config.output, "run_manifest.json") if built_release else storage.join(
         ledger.config.output, "attempts", f"{stamp}-{status}", "run_manifest.json"
     )
-    if exported and storage.exists(url, options):
+    if built_release:
         # Keep what export added (content hashes, code version); add export's own timing.
         manifest = {**storage.read_json(url, options), **{k: manifest[k] for k in ("status", "finished_at", "stages")}}
     storage.write_json_atomic(url, manifest, options)

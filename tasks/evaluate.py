@@ -23,6 +23,7 @@ from prefect import task
 
 from schemas.config import EvalOptions, GateOptions, TemplateOptions
 from schemas.manifests import DataArtifact, EvalArtifact, ModelArtifact, TokenizedArtifact, TrainArtifact
+from tasks.artifacts import publisher
 from tasks.caching import content_cache_key
 from tasks.core import collate, formatting, hashing, metrics, modeling, storage
 
@@ -383,14 +384,11 @@ def _cell(value: Any) -> str:
 # Prefect
 
 
+@publisher("evaluation report")
 def publish_eval_artifacts(result: EvalArtifact) -> None:
-    """Metrics table and markdown report (loss curve embedded as a data: URI) as Prefect artifacts.
-    Does nothing outside a flow or task run."""
+    """Metrics table and markdown report (loss curve embedded as a data: URI) as Prefect artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
-    from prefect.context import FlowRunContext, TaskRunContext
 
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return
     base, tuned = result.stats.get("base", {}), result.stats.get("tuned", {})
     create_table_artifact(
         table=metric_rows(base, tuned), key="sft-eval-metrics",
@@ -420,8 +418,5 @@ def evaluate_task(
     trust_remote_code: bool = False,
 ) -> EvalArtifact:
     result = evaluate_models(data, tokenized, model, trained, options, template, cache_dir, trust_remote_code)
-    try:
-        publish_eval_artifacts(result)
-    except Exception:  # noqa: BLE001 - the report is a convenience; the results are on disk
-        logger.warning("Could not publish the evaluation artifacts", exc_info=True)
+    publish_eval_artifacts(result)
     return result

@@ -28,6 +28,7 @@ from schemas.config import EMBEDDED_MODEL, SFTConfig
 from schemas.manifests import DataArtifact, EvalArtifact, ExportArtifact, ModelArtifact, TokenizedArtifact, TrainArtifact
 from tasks.core import embedded, formatting, hashing, modeling, storage
 from tasks import evaluate
+from tasks.artifacts import publisher
 from tasks.evaluate import metric_rows, plot_loss_curve, read_loss_curve
 
 logger = logging.getLogger(__name__)
@@ -410,20 +411,15 @@ def export_task(
     run_manifest: dict,
 ) -> ExportArtifact:
     result = export_release(config, model, trained, evaluation, data, tokenized, run_manifest)
-    try:
-        publish_release_link(result)
-    except Exception:  # noqa: BLE001 - the link is a convenience; the release is in place
-        logger.warning("Could not publish the release link artifact", exc_info=True)
+    publish_release_link(result)
     return result
 
 
+@publisher("release link")
 def publish_release_link(result: ExportArtifact) -> None:
-    """A Prefect link artifact to the release (nothing outside a flow or task run)."""
+    """A Prefect link artifact to the release."""
     from prefect.artifacts import create_link_artifact
-    from prefect.context import FlowRunContext, TaskRunContext
 
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return
     link = Path(result.uri).resolve().as_uri() if storage.is_local(result.uri) and "://" not in result.uri else result.uri
     create_link_artifact(link=link, link_text=f"SFT release {result.key}", key="sft-release",
                          description=f"{result.stats.get('files')} files, {result.stats.get('bytes')} bytes")

@@ -22,6 +22,7 @@ from prefect import task
 
 from schemas.config import TemplateOptions
 from schemas.manifests import DataArtifact, ModelArtifact, TokenizedArtifact
+from tasks.artifacts import publisher
 from tasks.caching import content_cache_key
 from tasks.core import formatting, hashing, storage
 from tasks.core.collate import IGNORE_INDEX
@@ -199,17 +200,15 @@ def tokenize_task(
     data: DataArtifact, model: ModelArtifact, options: TemplateOptions, cache_dir: str
 ) -> TokenizedArtifact:
     result = tokenize_dataset(data, model, options, cache_dir)
-    _publish_stats(result)
+    publish_tokenize_stats(result)
     return result
 
 
-def _publish_stats(result: TokenizedArtifact) -> None:
-    """A Prefect table artifact of the per-split statistics (skipped outside a task run)."""
+@publisher("tokenize statistics")
+def publish_tokenize_stats(result: TokenizedArtifact) -> None:
+    """A Prefect table of the per-split statistics."""
     from prefect.artifacts import create_table_artifact
-    from prefect.context import TaskRunContext
 
-    if TaskRunContext.get() is None:
-        return
     table = []
     for split in SPLITS:
         figures = dict(result.stats[split])

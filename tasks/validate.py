@@ -31,6 +31,7 @@ from prefect import task
 import schemas.data as data_schema
 from schemas.config import DataOptions
 from schemas.manifests import DataArtifact
+from tasks.artifacts import publisher
 from tasks.caching import content_cache_key
 from tasks.core import storage
 from tasks.core.embedded import embedded_eval_urls, resolve_data_urls
@@ -624,17 +625,11 @@ def report_table(stats: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _publish_table(artifact: DataArtifact) -> None:
-    from prefect.context import TaskRunContext
+@publisher("validation report")
+def publish_validation_table(artifact: DataArtifact) -> None:
+    from prefect.artifacts import create_table_artifact
 
-    if TaskRunContext.get() is None:
-        return  # called as a plain function: there is no run to attach a table to
-    try:
-        from prefect.artifacts import create_table_artifact
-
-        create_table_artifact(table=report_table(artifact.stats), key="validation-report", description=f"Validation report: {artifact.report_uri}")
-    except Exception as exc:  # a report table must never fail the stage
-        logger.warning("could not publish the validation table: %s", exc)
+    create_table_artifact(table=report_table(artifact.stats), key="validation-report", description=f"Validation report: {artifact.report_uri}")
 
 
 def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
@@ -652,5 +647,5 @@ def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
 )
 def validate_task(data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str) -> DataArtifact:
     artifact = validate_data(data, eval_data, options, cache_dir)
-    _publish_table(artifact)
+    publish_validation_table(artifact)
     return artifact

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flows.sft import main, sft
 from schemas.config import SFTConfig
+from tests.server import ARTIFACT_KEYS
 
 STAGES = ["validate-data", "import-model", "tokenize-and-cache", "train", "evaluate", "export"]
 
@@ -64,10 +65,26 @@ def test_run_manifest_records_every_stage(first_run):
 
 
 def test_second_run_with_nothing_changed_hits_every_cache(first_run):
-    config, _ = first_run
+    config, first = first_run
+    release_manifest = (Path(config.output) / "run_manifest.json").read_bytes()
     manifest = sft(config)
     cached = {stage: entry["cache"] for stage, entry in manifest["stages"].items()}
     assert cached == {stage: "hit" for stage in STAGES}
+    # The release still describes the run that built it; this run is recorded beside it.
+    assert (Path(config.output) / "run_manifest.json").read_bytes() == release_manifest
+    assert manifest["flow_run_id"] != first["flow_run_id"]
+    assert "/attempts/" in manifest["manifest_uri"] and manifest["status"] == "completed"
+    # The cached stages' bodies did not run; the flow published their reports for this run anyway.
+    assert ARTIFACT_KEYS <= artifact_keys(manifest["flow_run_id"])
+
+
+def artifact_keys(flow_run_id: str) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {artifact.key for artifact in artifacts if artifact.key}
 
 
 def test_dry_run_prints_statistics_and_stops_before_training(first_run, tmp_path, tiny_model_dir, capsys):
