@@ -157,13 +157,12 @@ def test_second_scheduled_run_is_all_cache_hits_and_a_changed_byte_reruns_downst
     from flows.sft import sft
 
     config = SFTConfig.model_validate(ui_run["config"])
-    manifest_path = Path(config.output) / "run_manifest.json"
 
     def run() -> tuple[dict[str, str], float]:
         started = time.monotonic()
         with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
-            sft(config)
-        manifest = json.loads(manifest_path.read_text())
+            manifest = sft(config)
+        assert json.loads(Path(manifest["manifest_uri"]).read_text())["stages"] == manifest["stages"]
         return {stage: entry["cache"] for stage, entry in manifest["stages"].items()}, time.monotonic() - started
 
     unchanged, wall_s = run()
