@@ -2,8 +2,10 @@
 
 Workload: the records of alpaca_en_demo.json in the SmolLM2 chat template (ChatML with its default
 system prompt), max_length 1024, loss on the response only, on a random-init Llama of a given
-shape. Every row trains the same tokenized examples for --steps optimizer steps with the same
-micro-batch size (ours: that many examples packed into one row; TRL: that many rows).
+shape. Every row trains the same tokenized examples for --steps optimizer steps of about the same
+work: TRL takes --micro-batch rows per step (padded: one example each; packed: examples filling
+max_length tokens each); ours packs as many examples as fill --micro-batch x max_length tokens into
+one row (or --ours-examples).
 
     python -m benchmarks.bench_train --shape tiny --steps 8 --records 200 --threads 2        # CPU
     python -m benchmarks.bench_train --shape smollm2-135m --steps 60 --tokenizer /path/to/tok  # GPU
@@ -12,7 +14,8 @@ micro-batch size (ours: that many examples packed into one row; TRL: that many r
 Reported per row: non-padding tokens/s and label tokens/s (steady state: from the end of step 1
 to the end of the last step), tokens per step, peak memory (CUDA: max allocated; CPU: peak RSS of
 this process since the row started), time to first step (from loading the model to the end of
-step 1) and MFU = 6 x params x tokens/s / peak FLOPs (989e12 on H100/H200, bf16 dense).
+step 1), tokens/s of a 200-step run counted from launch (first step plus 199 steady ones: where
+compiling pays) and MFU = 6 x params x tokens/s / peak FLOPs (989e12 on H100/H200, bf16 dense).
 
 Needs torch, transformers, peft; TRL rows need trl and datasets and are skipped with a note when
 they are missing. Tokenizes with tasks.core.formatting when it imports (it needs pydantic), else
@@ -166,6 +169,12 @@ class Memory:
         return None
 
 
+def launch_seconds(marks: list[tuple[float, int, int]], started: float) -> float:
+    first = marks[0][0] - started
+    steady = (marks[-1][0] - marks[0][0]) / (len(marks) - 1) if len(marks) > 1 else first
+    return first + (LAUNCH_STEPS - 1) * steady
+
+
 def summarise(name: str, marks: list[tuple[float, int, int]], started: float, loss: float | None, memory: float | None) -> dict:
     """marks: (time at the end of step k, tokens so far, label tokens so far) for k = 1..N."""
     (t1, tok1, lab1), (tn, tokn, labn) = marks[0], marks[-1]
@@ -177,9 +186,9 @@ def summarise(name: str, marks: list[tuple[float, int, int]], started: float, lo
         "label_tokens_per_s": (labn - lab1) / seconds if len(marks) > 1 else lab1 / max(t1 - started, 1e-9),
         "tokens_per_step": tokn / len(marks),
         "first_step_s": t1 - started,
-        # A 200-step run counted from launch: the first step as measured, the other 199 at the
-        # steady step time. Compilation only pays when it beats eager on this figure too.
-        "launch_200_s": (t1 - started) + (LAUNCH_STEPS - 1) * (seconds / max(len(marks) - 1, 1) if len(marks) > 1 else t1 - started),
+        # Tokens/s of a 200-step run counted from launch: the first step as measured, the other 199
+        # at the steady rate. Compilation only pays where it wins on this figure too.
+        "launch_200_tokens_per_s": LAUNCH_STEPS * tokn / len(marks) / launch_seconds(marks, started),
         "peak_gib": memory,
         "final_loss": loss,
     }
@@ -187,7 +196,7 @@ def summarise(name: str, marks: list[tuple[float, int, int]], started: float, lo
 
 def run_ours(model_dir: Path, examples: list[dict], args, device: str, memory: Memory) -> dict:
     options = default_options()
-    options.update(method=args.method, max_steps=args.steps, micro_batch_size=args.micro_batch, checkpoint_every=args.steps + 1)
+    options.update(method=args.method, max_steps=args.steps, micro_batch_size=ours_examples_per_step(args, examples), checkpoint_every=args.steps + 1)
     if args.compile:
         options["compile"] = args.compile
     peak_lr = options["learning_rate"] or (1e-3 if args.method == "lora" else 2e-5)
@@ -206,6 +215,16 @@ def run_ours(model_dir: Path, examples: list[dict], args, device: str, memory: M
         peak = memory.peak_gib()
     label = f"ours ({stats['attention']}, packed, {'compiled' if stats['compiled'] else 'eager'}, gc {'on' if stats['gradient_checkpointing'] else 'off'})"
     return summarise(label, marks, started, losses[-1], peak)
+
+
+def ours_examples_per_step(args, examples: list[dict]) -> int:
+    """Examples per step (ours packs them into one row). By default as many as fill the
+    micro-batch's rows of max_length, so a step carries about the tokens of a step of TRL with
+    packing (micro-batch rows of max_length each): the same work per optimizer step."""
+    if args.ours_examples:
+        return args.ours_examples
+    mean_length = sum(len(e["input_ids"]) for e in examples) / len(examples)
+    return max(1, int(args.micro_batch * MAX_LENGTH / mean_length))
 
 
 def run_trl(name: str, model_dir: Path, examples: list[dict], args, device: str, memory: Memory, best: bool) -> dict:
@@ -271,8 +290,8 @@ class _Counting:
 def markdown(rows: list[dict], params: int, peak_flops: float | None, notes: list[str]) -> str:
     ours = rows[0]
     lines = [
-        "| run | tokens/s | label tokens/s | tokens/step | peak GiB | first step s | 200 steps from launch s | MFU | final loss "
-        "| ours vs it (tokens/s) | ours vs it (200 steps from launch) |",
+        f"| run | tokens/s | label tokens/s | tokens/step | peak GiB | first step s | tokens/s, {LAUNCH_STEPS} steps from launch | MFU "
+        f"| final loss | ours vs it (tokens/s) | ours vs it ({LAUNCH_STEPS} steps from launch) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -280,10 +299,10 @@ def markdown(rows: list[dict], params: int, peak_flops: float | None, notes: lis
         peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "n/a"
         loss = f"{row['final_loss']:.3f}" if row["final_loss"] is not None else "n/a"
         ratio = f"{ours['tokens_per_s'] / row['tokens_per_s']:.2f}x"
-        launch_ratio = f"{row['launch_200_s'] / ours['launch_200_s']:.2f}x"
+        launch_ratio = f"{ours['launch_200_tokens_per_s'] / row['launch_200_tokens_per_s']:.2f}x"
         lines.append(
             f"| {row['name']} | {row['tokens_per_s']:,.0f} | {row['label_tokens_per_s']:,.0f} | {row['tokens_per_step']:,.0f} "
-            f"| {peak} | {row['first_step_s']:.1f} | {row['launch_200_s']:,.0f} | {mfu} | {loss} | {ratio} | {launch_ratio} |"
+            f"| {peak} | {row['first_step_s']:.1f} | {row['launch_200_tokens_per_s']:,.0f} | {mfu} | {loss} | {ratio} | {launch_ratio} |"
         )
     return "\n".join(lines + [""] + [f"- {note}" for note in notes])
 
@@ -293,7 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     parser.add_argument("--records", type=int, default=999, help="alpaca records to use (at most 999)")
-    parser.add_argument("--micro-batch", type=int, default=8, help="examples per step (ours: packed into one row)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="TRL: rows per step (ours: see --ours-examples)")
+    parser.add_argument("--ours-examples", type=int, default=0,
+                        help="ours: examples per step (default: as many as fill micro-batch x max_length tokens, like TRL's packed rows)")
     parser.add_argument("--method", choices=["full", "lora"], default="full")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="alpaca_en_demo.json")
     parser.add_argument("--tokenizer", default=None, help="folder with SmolLM2's tokenizer (default: import the embedded model)")
@@ -314,9 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (H100_BF16_FLOPS if any(g in name for g in ("H100", "H200")) else None)
     notes = [
         f"{len(examples)} examples ({encoder}), {sum(len(e['input_ids']) for e in examples):,} tokens, shape {args.shape}, "
-        f"method {args.method}, {args.steps} steps of {args.micro_batch} examples, device {name}, torch {torch.__version__}",
+        f"method {args.method}, {args.steps} steps, device {name}, torch {torch.__version__}",
+        f"a step: ours {ours_examples_per_step(args, examples)} examples packed into one row; TRL {args.micro_batch} rows "
+        f"(padded: one example each; packed: examples filling {MAX_LENGTH} tokens each)",
         "tokens/s and label tokens/s are steady state (end of step 1 to the end of the last step); first step includes loading.",
-        f"{LAUNCH_STEPS} steps from launch = first step + {LAUNCH_STEPS - 1} steady steps (projected); its ratio is its time over ours.",
+        f"{LAUNCH_STEPS} steps from launch: tokens of {LAUNCH_STEPS} steps over (first step + {LAUNCH_STEPS - 1} steady steps), projected.",
     ]
     memory = Memory(device)
     with tempfile.TemporaryDirectory(prefix="bench-model-") as folder:

@@ -106,24 +106,27 @@ def _with_protocol(url: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if "://" in url else path
 
 
-def _source_hash(source: Source, options: DataOptions) -> str:
-    if source.hub_split:
-        return hash_parts("hub", source.url, source.hub_split)
-    return hash_url(source.url, options.storage_options)
+def _source_hash(source: Source, raw: bytes | None) -> str:
+    return hash_parts("hub", source.url, source.hub_split) if source.hub_split else hash_bytes(raw)
 
 
-def _entry(sources: list[Source], options: DataOptions, cache_dir: str) -> tuple[str, str]:
+def _entry(sources: list[Source], hashes: list[str], options: DataOptions, cache_dir: str) -> tuple[str, str]:
     # Credentials and endpoints say where the bytes are, not what they are: not part of the key.
     settings = options.model_dump(mode="json", exclude={"storage_options"})
-    inputs = [[source.split, _source_hash(source, options)] for source in sources]
+    inputs = [[source.split, digest] for source, digest in zip(sources, hashes)]
     key = hash_parts(inputs, settings, CODE_VERSION)
     return key, storage.join(cache_dir, "validated", key)
 
 
 def validate_entry(data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str) -> tuple[str, str]:
     """(key, url) of the cache entry: the key hashes every input's bytes in order (a hub dataset:
-    its id and split), the options and this stage's code."""
-    return _entry(resolve_sources(data, eval_data, options), options, cache_dir)
+    its id and split), the options and this stage's code. Streams the files (Prefect's cache key)."""
+    sources = resolve_sources(data, eval_data, options)
+    hashes = [
+        hash_parts("hub", source.url, source.hub_split) if source.hub_split else hash_url(source.url, options.storage_options)
+        for source in sources
+    ]
+    return _entry(sources, hashes, options, cache_dir)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -149,10 +152,11 @@ def _file_kind_of(url: str) -> str | None:
     return FILE_KINDS.get("." + name.rsplit(".", 1)[-1]) if "." in name else None
 
 
-def load_source(source: Source, options: DataOptions) -> LoadedFile:
+def load_source(source: Source, raw: bytes | None) -> LoadedFile:
+    """Parse one input from the bytes that were read (and hashed) for it; a hub split loads here."""
     if source.hub_split:
         return LoadedFile(source, _hub_rows(source.url, source.hub_split))
-    raw = _read_bytes(source.url, options.storage_options)
+    raw = _decompress(source.url, raw)
     if not raw.strip():
         raise FileProblem("the file is empty")
     kind = _file_kind_of(source.url) or _sniff_kind(raw)
@@ -165,10 +169,20 @@ def load_source(source: Source, options: DataOptions) -> LoadedFile:
     return loaded
 
 
-def _read_bytes(url: str, storage_options: dict[str, Any]) -> bytes:
+def read_source(source: Source, options: DataOptions) -> bytes | None:
+    """The file's bytes as stored (compressed or not); None for a hub dataset."""
+    if source.hub_split:
+        return None
+    with fsspec.open(source.url, "rb", **options.storage_options) as handle:
+        return handle.read()
+
+
+def _decompress(url: str, raw: bytes) -> bytes:
     compression = next((name for suffix, name in COMPRESSIONS.items() if url.lower().endswith(suffix)), None)
+    if compression is None:
+        return raw
     try:
-        with fsspec.open(url, "rb", compression=compression, **storage_options) as handle:
+        with fsspec.compression.compr[compression](io.BytesIO(raw)) as handle:
             return handle.read()
     except (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError) as exc:
         raise FileProblem(f"not valid {compression} data ({exc})") from exc
@@ -464,10 +478,13 @@ def hash_split(fractions: list[float], eval_fraction: float) -> list[bool]:
 def validate_data(data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str) -> DataArtifact:
     """Read, check and canonicalise the data; publish data.jsonl + report.json under its key."""
     sources = resolve_sources(data, eval_data, options)
-    key, url = _entry(sources, options, cache_dir)
+    # Each file is read once: the key hashes exactly the bytes that are parsed, so a file that
+    # changes during the run can never be stored under its old content's key.
+    raws = [read_source(source, options) for source in sources]
+    key, url = _entry(sources, [_source_hash(source, raw) for source, raw in zip(sources, raws)], options, cache_dir)
     if storage.is_complete(url):
         return _artifact(url, storage.read_json(storage.join(url, "report.json")), store_hit=True)
-    checked = _check_all(sources, options, cache_dir, key)
+    checked = _check_all(sources, raws, options, cache_dir, key)
     rows = [row for file in checked for row in canonical_rows(file)]
     duplicates = find_duplicates(rows)
     if options.dedupe:
@@ -482,12 +499,12 @@ def validate_data(data: list[str], eval_data: list[str], options: DataOptions, c
     return _publish(url, rows, report)
 
 
-def _check_all(sources: list[Source], options: DataOptions, cache_dir: str, key: str) -> list[CheckedFile]:
-    """Every file read and checked; raises once, naming every bad file and (policy 'fail') row."""
+def _check_all(sources: list[Source], raws: list[bytes | None], options: DataOptions, cache_dir: str, key: str) -> list[CheckedFile]:
+    """Every file parsed and checked; raises once, naming every bad file and (policy 'fail') row."""
     checked, problems = [], []
-    for source in sources:
+    for source, raw in zip(sources, raws):
         try:
-            checked.append(check_file(load_source(source, options), options))
+            checked.append(check_file(load_source(source, raw), options))
         except FileProblem as exc:
             problems.append(f"{source.name}: {exc}")
     failures = [failure for file in checked for failure in file.failures]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.core.collate import IGNORE_INDEX, pack_examples, pad_examples
+from tasks.core.collate import IGNORE_INDEX, pack_examples, pack_rows, pad_examples
 from tasks.core.trainer import TokenRows, make_batch
 
 EXAMPLES = [
@@ -19,6 +19,16 @@ def test_pack_examples_restarts_positions_and_masks_boundaries():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+
+
+def test_pack_rows_fills_capped_rows_first_fit_decreasing_and_pads_them_as_their_own_segment():
+    examples = [{"input_ids": [10 + n] * n, "labels": [10 + n] * n} for n in (2, 5, 3, 4, 1)]
+    batch = pack_rows(examples, row_tokens=6, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[15] * 5 + [11], [14] * 4 + [12] * 2, [13] * 3 + [0] * 3]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
+    assert batch["labels"].tolist()[2] == [IGNORE_INDEX, 13, 13] + [IGNORE_INDEX] * 3
+    alone = pack_rows([{"input_ids": [7] * 9, "labels": [7] * 9}, *examples[:1]], row_tokens=6, pad_token_id=0)
+    assert alone["input_ids"].shape == (2, 9)  # too long for a row: a row of its own
 
 
 def test_pad_examples_masks_padding_by_mask_not_by_id():
@@ -63,6 +73,30 @@ def test_packed_examples_have_their_solo_logits(tiny_llama):
             alone = tiny_llama(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
             torch.testing.assert_close(row[start : start + len(ids)], alone, atol=1e-4, rtol=1e-4)
             start += len(ids)
+
+
+def test_capped_packed_rows_keep_solo_logits(tiny_llama):
+    """Several padded rows per micro-batch (the sdpa layout): every example still sees only itself."""
+    generator = torch.Generator().manual_seed(1)
+    examples = [torch.randint(3, tiny_llama.config.vocab_size, (n,), generator=generator).tolist() for n in (7, 3, 12, 5, 8)]
+    batch = pack_rows([{"input_ids": ids, "labels": ids} for ids in examples], row_tokens=12, pad_token_id=0)
+    assert batch["input_ids"].shape == (3, 12)
+    with torch.no_grad():
+        logits = tiny_llama(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    found, pads = 0, 0
+    for row, positions in enumerate(batch["position_ids"].tolist()):
+        starts = [i for i, position in enumerate(positions) if position == 0] + [len(positions)]
+        for begin, end in zip(starts, starts[1:]):
+            ids = batch["input_ids"][row, begin:end].tolist()
+            if ids not in examples:
+                assert set(ids) == {0}  # the padding segment
+                pads += 1
+                continue
+            with torch.no_grad():
+                alone = tiny_llama(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(logits[row, begin:end], alone, atol=1e-4, rtol=1e-4)
+            found += 1
+    assert (found, pads) == (len(examples), 1)
 
 
 def test_packed_logits_to_keep_selects_the_same_rows(tiny_llama):

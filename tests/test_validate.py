@@ -357,6 +357,22 @@ def test_entry_is_reused_and_artifact_key_is_the_content_hash(mem, cache, tmp_pa
     assert {"rows_read", "rows_kept", "dropped_by_reason", "duplicates", "chars", "files"} <= set(report)
 
 
+def test_each_file_is_read_once_and_keyed_by_the_bytes_that_were_parsed(mem, cache, monkeypatch):
+    """A file rewritten between Prefect's cache-key hash and the stage's read is stored under the
+    key of what was parsed, never under the old content's key."""
+    import tasks.validate as stage
+
+    url = put(f"{mem}/a.jsonl.gz", ALPACA_ROWS, "jsonl.gz")
+    old_key, _ = validate_entry([url], [], DataOptions(), cache)  # what Prefect's key function saw
+    put(url, ALPACA_ROWS[:2], "jsonl.gz")  # the file changes before the stage reads it
+    opened, real_open = [], fsspec.open
+    monkeypatch.setattr(stage.fsspec, "open", lambda target, *a, **k: opened.append(target) or real_open(target, *a, **k))
+    artifact, rows = run([url], cache)
+    assert opened.count(url) == 1
+    new_key, _ = validate_entry([url], [], DataOptions(), cache)
+    assert len(rows) == 2 and new_key != old_key and f"/validated/{new_key}/" in artifact.uri
+
+
 # --- Prefect wrapper ---------------------------------------------------------------------------
 
 

@@ -38,6 +38,43 @@ def pack_examples(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
     }
 
 
+def pack_rows(examples: Sequence[dict], row_tokens: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pack examples into rows of at most `row_tokens` tokens (first-fit decreasing), then pad the
+    rows to the longest one. Capped rows keep attention's cost at rows x row_tokens^2 for kernels
+    that compute the masked blocks too (sdpa): one row of a whole micro-batch would be quadratic
+    in all its tokens. An example longer than `row_tokens` gets a row of its own.
+
+    >>> pack_rows([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+    ...            {"input_ids": [8, 9], "labels": [8, 9]},
+    ...            {"input_ids": [4], "labels": [4]}], row_tokens=4, pad_token_id=0)
+    {'input_ids': tensor([[5, 6, 7, 4], [8, 9, 0, 0]]),
+     'labels': tensor([[-100, 6, 7, -100], [-100, 9, -100, -100]]),
+     'position_ids': tensor([[0, 1, 2, 0], [0, 1, 0, 1]])}
+
+    Padding is a segment of its own (positions restart), so no real token attends to it.
+    """
+    bins: list[list[dict]] = []
+    loads: list[int] = []
+    for example in sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True):
+        length = len(example["input_ids"])
+        row = next((i for i, load in enumerate(loads) if load + length <= row_tokens), None)
+        if row is None:
+            bins.append([]), loads.append(0)
+            row = len(bins) - 1
+        bins[row].append(example)
+        loads[row] += length
+    rows = [pack_examples(contents) for contents in bins]
+    width = max(loads)
+    padded = {name: [] for name in ("input_ids", "labels", "position_ids")}
+    for row in rows:
+        missing = width - row["input_ids"].shape[1]
+        fill = {"input_ids": torch.full((1, missing), pad_token_id), "labels": torch.full((1, missing), IGNORE_INDEX),
+                "position_ids": torch.arange(missing).unsqueeze(0)}
+        for name in padded:
+            padded[name].append(torch.cat([row[name], fill[name].long()], dim=1))
+    return {name: torch.cat(parts) for name, parts in padded.items()}
+
+
 def pad_examples(examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad examples into a rectangular batch; padding is masked out of attention and loss.
 

@@ -6,7 +6,8 @@ results), never Prefect, so it also runs on a bare GPU box:
     python -m tasks.core.trainer --spec spec.json          # a TrainSpec as JSON
 
 What makes it fast: packed rows (examples concatenated, positions restarting, so attention stays
-block-diagonal), logits only at positions that carry loss (`logits_to_keep` as a boolean mask)
+block-diagonal; one row per micro-batch under flex attention, rows capped at the longest example
+under sdpa, whose cost grows with the square of a row), logits only at positions that carry loss (`logits_to_keep` as a boolean mask)
 with the cross-entropy in fp32 chunks, a fused (CUDA) or foreach (CPU) AdamW, bf16 autocast on
 GPUs, gradient checkpointing only when the memory estimate asks for it, optional regional
 torch.compile.
@@ -45,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tasks.core import storage
-from tasks.core.collate import IGNORE_INDEX, pack_examples, pad_examples
+from tasks.core.collate import IGNORE_INDEX, pack_examples, pack_rows, pad_examples
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +165,17 @@ def rank_micro_batches(batch: Sequence[int], rank: int, world: int, micro: int) 
     return [share[i : i + micro] for i in range(0, len(share), micro)]
 
 
-def make_batch(rows: TokenRows, indices: Sequence[int], packing: bool, pad_token_id: int, device: torch.device) -> tuple[dict, torch.Tensor]:
-    """Model inputs and the loss targets. `logits_to_keep` marks the positions whose next token
-    carries loss, so the LM head runs on those rows only."""
+def make_batch(
+    rows: TokenRows, indices: Sequence[int], packing: bool, pad_token_id: int, device: torch.device, row_tokens: int | None = None
+) -> tuple[dict, torch.Tensor]:
+    """Model inputs and the loss targets. Packed examples fill rows of at most `row_tokens` tokens
+    (None: one row). `logits_to_keep` marks the positions whose next token carries loss, so the LM
+    head runs on those rows only."""
     examples = [rows.example(i) for i in indices]
-    batch = pack_examples(examples) if packing else pad_examples(examples, pad_token_id)
+    if packing:
+        batch = pack_rows(examples, row_tokens, pad_token_id) if row_tokens else pack_examples(examples)
+    else:
+        batch = pad_examples(examples, pad_token_id)
     labels = batch.pop("labels")
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
@@ -278,6 +285,18 @@ def resolve_attention(option: str, device: torch.device, packing: bool) -> str:
     if device.type == "cuda" and packing and importlib.util.find_spec("torch.nn.attention.flex_attention"):
         return "flex_attention"
     return "sdpa"
+
+
+BLOCK_SPARSE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def packed_row_tokens(model: torch.nn.Module, rows: TokenRows) -> int | None:
+    """How long a packed row may get. Block-sparse kernels skip the blocks between examples, so a
+    micro-batch is one row (no padding at all); dense ones (sdpa, eager) compute them, so rows are
+    capped at the longest example and the waste stays below rows x longest^2."""
+    if base_model(model).config._attn_implementation in BLOCK_SPARSE_ATTENTION:
+        return None
+    return int(rows.lengths.max())
 
 
 def load_model(spec: TrainSpec, rt: Runtime) -> torch.nn.Module:
@@ -562,6 +581,7 @@ class Session:
         self.order = DataOrder(len(rows), o["seed"])
         model = load_model(spec, rt)
         self.pad_token_id = base_model(model).config.pad_token_id or 0
+        self.row_tokens = packed_row_tokens(model, rows)
         self.checkpointing = needs_checkpointing(o["gradient_checkpointing"], model, rt, self.plan.tokens_per_micro, o["strategy"])
         self.compiled = o["compile"] == "on" or (
             o["compile"] == "auto" and rt.device.type == "cuda" and self.plan.total_steps >= COMPILE_MIN_STEPS
@@ -592,7 +612,7 @@ class Session:
         micro_batches = rank_micro_batches(batch, rt.rank, rt.world, o["micro_batch_size"])
         total = torch.zeros((), device=rt.device)
         for i, indices in enumerate(micro_batches):
-            inputs, targets = make_batch(self.rows, indices, o["packing"], self.pad_token_id, rt.device)
+            inputs, targets = make_batch(self.rows, indices, o["packing"], self.pad_token_id, rt.device, self.row_tokens)
             with self._sync(last=i == len(micro_batches) - 1):
                 with rt.autocast():
                     loss = loss_sum(self.model, inputs, targets)
