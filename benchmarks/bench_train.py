@@ -4,8 +4,9 @@ Workload: the records of alpaca_en_demo.json in the SmolLM2 chat template (ChatM
 system prompt), max_length 1024, loss on the response only, on a random-init Llama of a given
 shape. Every row trains the same tokenized examples for --steps optimizer steps of about the same
 work: TRL takes --micro-batch rows per step (padded: one example each; packed: examples filling
-max_length tokens each); ours packs as many examples as fill --micro-batch x max_length tokens into
-one row (or --ours-examples).
+max_length tokens each); ours packs as many examples as fill --micro-batch x max_length tokens
+(or --ours-examples) into one micro-batch: one row under flex attention, rows capped at the longest
+example under sdpa.
 
     python -m benchmarks.bench_train --shape tiny --steps 8 --records 200 --threads 2        # CPU
     python -m benchmarks.bench_train --shape smollm2-135m --steps 60 --tokenizer /path/to/tok  # GPU
@@ -218,7 +219,7 @@ def run_ours(model_dir: Path, examples: list[dict], args, device: str, memory: M
 
 
 def ours_examples_per_step(args, examples: list[dict]) -> int:
-    """Examples per step (ours packs them into one row). By default as many as fill the
+    """Examples per step (ours packs them into one micro-batch). By default as many as fill the
     micro-batch's rows of max_length, so a step carries about the tokens of a step of TRL with
     packing (micro-batch rows of max_length each): the same work per optimizer step."""
     if args.ours_examples:
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = [
         f"{len(examples)} examples ({encoder}), {sum(len(e['input_ids']) for e in examples):,} tokens, shape {args.shape}, "
         f"method {args.method}, {args.steps} steps, device {name}, torch {torch.__version__}",
-        f"a step: ours {ours_examples_per_step(args, examples)} examples packed into one row; TRL {args.micro_batch} rows "
+        f"a step: ours {ours_examples_per_step(args, examples)} examples packed into one micro-batch; TRL {args.micro_batch} rows "
         f"(padded: one example each; packed: examples filling {MAX_LENGTH} tokens each)",
         "tokens/s and label tokens/s are steady state (end of step 1 to the end of the last step); first step includes loading.",
         f"{LAUNCH_STEPS} steps from launch: tokens of {LAUNCH_STEPS} steps over (first step + {LAUNCH_STEPS - 1} steady steps), projected.",
