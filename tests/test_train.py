@@ -169,6 +169,18 @@ def test_epochs_decide_the_step_count_without_max_steps(tokenized):
     assert (plan.global_batch, plan.total_steps) == (8, 6)  # 2 epochs x 24 rows / 8
 
 
+def test_memory_estimate_sees_the_largest_micro_batch_of_the_run(tokenized):
+    rows = trainer.load_rows(tokenized.uri)
+    opts = options(max_steps=5, micro_batch_size=4, grad_accum=2).model_dump()
+    plan = trainer.plan_steps(rows, opts, world=1)
+    order = trainer.DataOrder(len(rows), opts["seed"])
+    micro_batches = [m for step in range(5) for m in trainer.rank_micro_batches(order.global_batch(step, 8), 0, 1, 4)]
+    assert plan.tokens_per_micro == max(int(rows.lengths[m].sum()) for m in micro_batches)
+    assert plan.tokens_per_micro < 4 * int(rows.lengths.max())
+    padded = trainer.plan_steps(rows, {**opts, "packing": False}, world=1)
+    assert padded.tokens_per_micro == max(4 * int(rows.lengths[m].max()) for m in micro_batches)
+
+
 def test_schedule_warms_up_then_decays():
     factors = [trainer.lr_factor(step, 10, 2, "cosine") for step in range(10)]
     assert factors[0] < factors[1] < factors[2] == 1.0 and factors[-1] < 0.05

@@ -568,8 +568,21 @@ def plan_steps(rows: TokenRows, options: dict, world: int) -> Plan:
     else:
         total = max(1, math.ceil(options["epochs"] * len(rows) / global_batch))
     warmup = math.ceil(options["warmup_ratio"] * total)
-    tokens_per_micro = options["micro_batch_size"] * int(rows.lengths.max())
+    tokens_per_micro = largest_micro_batch(rows, DataOrder(len(rows), options["seed"]), total, global_batch, options)
     return Plan(global_batch, total, warmup, tokens_per_micro)
+
+
+def largest_micro_batch(rows: TokenRows, order: DataOrder, total_steps: int, global_batch: int, options: dict) -> int:
+    """The most tokens any micro-batch of the whole run will hold (padded micro-batches: examples x
+    their longest), read off the data order, so the memory estimate sees the real worst step
+    rather than micro_batch_size x the longest example."""
+    micro = options["micro_batch_size"]
+    positions = total_steps * global_batch
+    epochs = -(-positions // len(rows))
+    stream = torch.tensor([i for epoch in range(epochs) for i in order.permutation(epoch)][:positions])
+    lengths = rows.lengths[stream].view(-1, micro)  # micro-batches in order; every rank's share is whole micro-batches
+    per_micro = lengths.sum(-1) if options["packing"] else lengths.max(-1).values * micro
+    return int(per_micro.max())
 
 
 class Session:
