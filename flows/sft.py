@@ -100,7 +100,7 @@ def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
             print(format_dataset_stats(data.stats, tokenized.stats))
             return _finish(ledger, "dry-run")
         with tags(GPU_TAG):
-            trained = ledger.run(train_task, tokenized, model, config.train, config.cache_dir)
+            trained = ledger.run(train_task, tokenized, model, config.train, config.cache_dir, config.trust_remote_code)
             evaluation = ledger.run(
                 evaluate_task, data, tokenized, model, trained, config.eval, config.template, config.cache_dir,
                 config.trust_remote_code,

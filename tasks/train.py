@@ -49,16 +49,19 @@ def train_model(
     options: TrainOptions,
     cache_dir: str,
     progress: Callable[[dict], None] | None = None,
+    trust_remote_code: bool = False,
 ) -> TrainArtifact:
     """Train (or reuse a complete entry) and describe the result."""
     key, url = train_entry(tokenized, model, options, cache_dir)
     if storage.is_complete(url):
         return _artifact(key, url, options, store_hit=True)
-    trainer.train(train_spec(tokenized, model, options, cache_dir), progress)
+    trainer.train(train_spec(tokenized, model, options, cache_dir, trust_remote_code), progress)
     return _artifact(key, url, options, store_hit=False)
 
 
-def train_spec(tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str) -> trainer.TrainSpec:
+def train_spec(
+    tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str, trust_remote_code: bool = False
+) -> trainer.TrainSpec:
     """What the training core (in this process or under torchrun) is told to do."""
     key, url = train_entry(tokenized, model, options, cache_dir)
     return trainer.TrainSpec(
@@ -69,6 +72,7 @@ def train_spec(tokenized: TokenizedArtifact, model: ModelArtifact, options: Trai
         options=options.model_dump(mode="json"),
         learning_rate=options.peak_learning_rate,
         run_id=key[:16],
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -163,12 +167,13 @@ def train_until_it_fits(
     options: TrainOptions,
     cache_dir: str,
     progress: Callable[[dict], None] | None = None,
+    trust_remote_code: bool = False,
 ) -> TrainArtifact:
     """train_model, halving the micro-batch and doubling accumulation after each CUDA OOM; the
     effective batch, the cache key and the checkpoints to resume from stay the same."""
     while True:
         try:
-            return train_model(tokenized, model, options, cache_dir, progress)
+            return train_model(tokenized, model, options, cache_dir, progress, trust_remote_code)
         except Exception as error:
             smaller = split_micro_batch(options) if is_out_of_memory(error) else None
             if smaller is None:
@@ -198,5 +203,7 @@ def _release_cuda_memory() -> None:
     retries=2,
     retry_delay_seconds=[5, 30],
 )
-def train_task(tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str) -> TrainArtifact:
-    return train_until_it_fits(tokenized, model, options, cache_dir, progress=PrefectProgress())
+def train_task(
+    tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str, trust_remote_code: bool = False
+) -> TrainArtifact:
+    return train_until_it_fits(tokenized, model, options, cache_dir, PrefectProgress(), trust_remote_code)

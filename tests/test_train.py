@@ -404,17 +404,32 @@ def test_train_task_outside_a_flow(base, tokenized, tmp_path):
     assert result.stats["steps"] == 1 and json.loads(Path(result.uri, "train_stats.json").read_text())["steps"] == 1
 
 
+def test_trust_remote_code_reaches_the_training_process(base, tokenized, tmp_path, monkeypatch):
+    """Off unless the config says so: a model repository's own code runs only when asked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    seen = []
+    for auto in (AutoModelForCausalLM, AutoTokenizer):
+        real = auto.from_pretrained.__func__
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(lambda cls, *a, _real=real, **k: seen.append(k.get("trust_remote_code")) or _real(cls, *a, **k)))
+    train_model(tokenized, base, options(max_steps=1), str(tmp_path / "default"))
+    assert seen and not any(seen)
+    seen.clear()
+    train_task.fn(tokenized, base, options(max_steps=1), str(tmp_path / "trusted"), trust_remote_code=True)
+    assert seen and all(seen)
+
+
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(base, tokenized, tmp_path, monkeypatch):
     from tasks import train as stage
 
     tried = []
     real = stage.train_model
 
-    def fails_above_two(tokenized, model, opts, cache_dir, progress=None):
+    def fails_above_two(tokenized, model, opts, cache_dir, progress=None, trust_remote_code=False):
         tried.append((opts.micro_batch_size, opts.grad_accum))
         if opts.micro_batch_size > 2:
             raise trainer.WorkerError("training worker (rank 0) failed: OutOfMemoryError: CUDA out of memory")
-        return real(tokenized, model, opts, cache_dir, progress)
+        return real(tokenized, model, opts, cache_dir, progress, trust_remote_code)
 
     monkeypatch.setattr(stage, "train_model", fails_above_two)
     result = stage.train_until_it_fits(tokenized, base, options(micro_batch_size=8, grad_accum=1, max_steps=1), str(tmp_path))

@@ -78,6 +78,7 @@ class TrainSpec:
     options: dict  # TrainOptions.model_dump(mode="json")
     learning_rate: float  # the resolved peak learning rate
     run_id: str = "sft"  # torchrun rendezvous id (the stage passes its content key)
+    trust_remote_code: bool = False  # run the model repository's own modeling code (config.trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -315,6 +316,7 @@ def load_model(spec: TrainSpec, rt: Runtime) -> torch.nn.Module:
         dtype=dtype,
         use_safetensors=True,
         attn_implementation=resolve_attention(o["attention"], rt.device, o["packing"]),
+        trust_remote_code=spec.trust_remote_code,
     )
     model.config.use_cache = False  # packed rows stay independent only without the cache
     if lora:
@@ -790,7 +792,7 @@ def publish_outputs(session: Session, state: TrainState, stats: dict) -> None:
     from transformers import AutoTokenizer
 
     unwrapped = getattr(session.model, "module", session.model)
-    tokenizer = AutoTokenizer.from_pretrained(session.spec.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(session.spec.model_dir, trust_remote_code=session.spec.trust_remote_code)
     with storage.atomic_directory(session.spec.output_url) as scratch:
         target = scratch / ("adapter" if lora else "model")
         if not lora:  # fp32 master weights, saved as trained; export decides the release dtype
