@@ -54,27 +54,13 @@ LAUNCH_STEPS = 200
 DATA_CANDIDATES = [base / "shared" / "data" / "alpaca_en_demo.json" for base in (ROOT, ROOT.parent)]
 DEFAULT_DATA = next((path for path in DATA_CANDIDATES if path.exists()), DATA_CANDIDATES[0])
 
-# TrainOptions' defaults, for GPU boxes without pydantic; checked against TrainOptions when it imports.
-FALLBACK_OPTIONS = {
-    "method": "lora", "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-    "learning_rate": None, "lr_scheduler": "cosine", "warmup_ratio": 0.05, "max_steps": None, "epochs": 3.0,
-    "micro_batch_size": 8, "grad_accum": 1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 42, "packing": True,
-    "device": "auto", "precision": "auto", "attention": "auto", "gradient_checkpointing": "auto", "compile": "auto",
-    "checkpoint_every": 50, "keep_checkpoints": 2, "devices": 1, "nnodes": 1, "node_rank": 0,
-    "rdzv_endpoint": "127.0.0.1:29500", "strategy": "ddp",
-}
-
-
 def default_options() -> dict:
+    """TrainOptions' defaults; the trainer's copy on GPU boxes without pydantic (a test keeps them equal)."""
     try:
         from schemas.config import TrainOptions
     except ImportError:
-        return json.loads(json.dumps(FALLBACK_OPTIONS))
-    options = TrainOptions().model_dump(mode="json")
-    if options != FALLBACK_OPTIONS:
-        print("note: FALLBACK_OPTIONS in benchmarks/bench_train.py differ from TrainOptions; using TrainOptions")
-    return options
+        return trainer.default_options()
+    return TrainOptions().model_dump(mode="json")
 
 
 # ------------------------------------------------------------------------------------- workload
@@ -259,7 +245,7 @@ def run_trl(name: str, model_dir: Path, examples: list[dict], args, device: str,
         if args.method == "lora":
             from peft import LoraConfig
 
-            peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=FALLBACK_OPTIONS["lora"]["target_modules"], task_type="CAUSAL_LM")
+            peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=trainer.DEFAULT_OPTIONS["lora"]["target_modules"], task_type="CAUSAL_LM")
         memory.reset()
         started = time.perf_counter()
         sft = SFTTrainer(model=str(model_dir), args=config, train_dataset=dataset, peft_config=peft_config, callbacks=[Marks()])

@@ -27,8 +27,7 @@ def content_cache_key(entry: EntryFn, storage_options_param: str | None = None) 
 
     def cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
         key, url = entry(**{name: value for name, value in parameters.items() if name in accepted})
-        # The URL is part of the key: two cache dirs sharing one result storage never swap entries.
-        prefect_key = f"{context.task.name}-{key[:32]}-{hashing.hash_json(url)[:12]}"
+        prefect_key = record_key(context.task.name, key, url)
         options = parameters.get(storage_options_param) if storage_options_param else None
         if storage.is_complete(url, options):
             return prefect_key
@@ -38,3 +37,27 @@ def content_cache_key(entry: EntryFn, storage_options_param: str | None = None) 
         return prefect_key
 
     return cache_key
+
+
+def record_key(task_name: str, key: str, url: str) -> str:
+    """The Prefect cache key of a stage's entry. The URL is part of it: two cache dirs sharing one
+    result storage never swap entries."""
+    return f"{task_name}-{key[:32]}-{hashing.hash_json(url)[:12]}"
+
+
+class InputsChangedError(RuntimeError):
+    """The stage's inputs changed between Prefect's cache key and the stage's own read."""
+
+
+def ensure_record_matches(key: str, url: str) -> None:
+    """Inside a cached task run, after the body built the entry (key, url) from what it read: raise
+    when Prefect is about to record the result under another key, i.e. an input file changed after
+    Prefect hashed it. Nothing is recorded for a failed attempt, and the retry hashes again."""
+    from prefect.context import TaskRunContext
+    from prefect.transactions import get_transaction
+
+    context, transaction = TaskRunContext.get(), get_transaction()
+    if context is None or transaction is None or not transaction.key:
+        return
+    if transaction.key != record_key(context.task.name, key, url):
+        raise InputsChangedError(f"{context.task.name}: an input changed while the stage ran ({url}); run it again")

@@ -45,10 +45,13 @@ def evaluate_entry(
     options: EvalOptions,
     template: TemplateOptions,
     cache_dir: str,
+    trust_remote_code: bool = False,
 ) -> tuple[str, str]:
+    # trust_remote_code is in the key: for a repository with both its own code and a transformers
+    # class, it picks which modeling code computes the metrics.
     key = hashing.hash_parts(
         "evaluate", data.key, tokenized.key, model.key, trained.key,
-        options.model_dump(mode="json"), template.model_dump(mode="json"), CODE_VERSION,
+        options.model_dump(mode="json"), template.model_dump(mode="json"), trust_remote_code, CODE_VERSION,
     )[:24]
     return key, storage.join(cache_dir, "eval", key)
 
@@ -64,7 +67,7 @@ def evaluate_models(
     trust_remote_code: bool = False,
 ) -> EvalArtifact:
     """Evaluate base and tuned models (or reuse a complete entry) and apply the gate."""
-    key, url = evaluate_entry(data, tokenized, model, trained, options, template, cache_dir)
+    key, url = evaluate_entry(data, tokenized, model, trained, options, template, cache_dir, trust_remote_code)
     store_hit = storage.is_complete(url)
     if not store_hit:
         with storage.atomic_directory(url) as scratch:

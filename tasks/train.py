@@ -27,15 +27,19 @@ NOT_IN_KEY = ("node_rank", "rdzv_endpoint", "checkpoint_every", "keep_checkpoint
 LOG_EVERY = 10  # steps between loss lines in the run log
 
 
-def train_entry(tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str) -> tuple[str, str]:
+def train_entry(
+    tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str, trust_remote_code: bool = False
+) -> tuple[str, str]:
     """(key, url) of the trained weights: data, model, every option that changes the result, code.
 
     The batch enters as its effective size only: the loss is normalised over the whole
     accumulated batch, so 4 x 2 trains the same weights as 8 x 1, and an out-of-memory retry that
-    splits the micro-batch keeps the key (and the checkpoints it resumes from)."""
+    splits the micro-batch keeps the key (and the checkpoints it resumes from). trust_remote_code
+    enters too: for a repository with both its own code and a transformers class, it picks which
+    modeling code trains."""
     values = {name: value for name, value in options.model_dump(mode="json").items() if name not in NOT_IN_KEY}
     values["effective_batch"] = values.pop("micro_batch_size") * values.pop("grad_accum")
-    key = hashing.hash_parts("train", tokenized.key, model.key, values, CODE_VERSION)[:24]
+    key = hashing.hash_parts("train", tokenized.key, model.key, values, trust_remote_code, CODE_VERSION)[:24]
     return key, storage.join(cache_dir, "train", key)
 
 
@@ -52,7 +56,7 @@ def train_model(
     trust_remote_code: bool = False,
 ) -> TrainArtifact:
     """Train (or reuse a complete entry) and describe the result."""
-    key, url = train_entry(tokenized, model, options, cache_dir)
+    key, url = train_entry(tokenized, model, options, cache_dir, trust_remote_code)
     if storage.is_complete(url):
         return _artifact(key, url, options, store_hit=True)
     trainer.train(train_spec(tokenized, model, options, cache_dir, trust_remote_code), progress)
@@ -63,7 +67,7 @@ def train_spec(
     tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str, trust_remote_code: bool = False
 ) -> trainer.TrainSpec:
     """What the training core (in this process or under torchrun) is told to do."""
-    key, url = train_entry(tokenized, model, options, cache_dir)
+    key, url = train_entry(tokenized, model, options, cache_dir, trust_remote_code)
     return trainer.TrainSpec(
         model_dir=str(storage.local_copy(model.uri)),
         data_dir=str(storage.local_copy(tokenized.uri)),

@@ -32,7 +32,7 @@ import schemas.data as data_schema
 from schemas.config import DataOptions
 from schemas.manifests import DataArtifact
 from tasks.artifacts import publisher
-from tasks.caching import content_cache_key
+from tasks.caching import content_cache_key, ensure_record_matches
 from tasks.core import storage
 from tasks.core.embedded import embedded_eval_urls, resolve_data_urls
 from tasks.core.hashing import code_version, hash_bytes, hash_parts, hash_url
@@ -502,7 +502,8 @@ def validate_data(data: list[str], eval_data: list[str], options: DataOptions, c
 def _check_all(sources: list[Source], raws: list[bytes | None], options: DataOptions, cache_dir: str, key: str) -> list[CheckedFile]:
     """Every file parsed and checked; raises once, naming every bad file and (policy 'fail') row."""
     checked, problems = [], []
-    for source, raw in zip(sources, raws):
+    for i, source in enumerate(sources):
+        raw, raws[i] = raws[i], None  # parsed rows replace the bytes: one file's bytes in memory at a time
         try:
             checked.append(check_file(load_source(source, raw), options))
         except FileProblem as exc:
@@ -664,5 +665,7 @@ def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
 )
 def validate_task(data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str) -> DataArtifact:
     artifact = validate_data(data, eval_data, options, cache_dir)
+    entry_url = artifact.uri.rsplit("/", 1)[0]  # <cache_dir>/validated/<key>/data.jsonl
+    ensure_record_matches(entry_url.rsplit("/", 1)[-1], entry_url)
     publish_validation_table(artifact)
     return artifact

@@ -109,21 +109,3 @@ def test_packed_logits_to_keep_selects_the_same_rows(tiny_llama):
         kept = tiny_llama(**inputs, logits_to_keep=keep, use_cache=False).logits
     torch.testing.assert_close(kept, full[keep[0]], atol=1e-5, rtol=1e-5)
     assert targets.tolist() == [13, 14, 6, 7, 9] and int(keep.sum()) == 5
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_packed_examples_have_their_solo_logits_with_flex_attention_on_cuda(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="flex_attention", dtype=torch.float32)
-    model = model.cuda().eval()
-    examples = [list(range(3, 3 + n)) for n in (9, 4, 17)]
-    packed = pack_examples([{"input_ids": ids, "labels": ids} for ids in examples])
-    with torch.no_grad():
-        row = model(input_ids=packed["input_ids"].cuda(), position_ids=packed["position_ids"].cuda(), use_cache=False).logits[0]
-        start = 0
-        for ids in examples:
-            alone = model(input_ids=torch.tensor([ids]).cuda(), use_cache=False).logits[0]
-            torch.testing.assert_close(row[start : start + len(ids)], alone, atol=1e-3, rtol=1e-3)
-            start += len(ids)

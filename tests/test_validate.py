@@ -376,6 +376,38 @@ def test_each_file_is_read_once_and_keyed_by_the_bytes_that_were_parsed(mem, cac
 # --- Prefect wrapper ---------------------------------------------------------------------------
 
 
+def test_a_file_changed_after_prefect_hashed_it_is_never_recorded_under_the_old_key(prefect_harness, tmp_path, monkeypatch):
+    """The file changes between Prefect's cache key and the stage's read: that attempt fails
+    instead of filing the new rows under the old bytes' key; the retry hashes again. Later runs
+    on the old bytes get the old rows, however often they run."""
+    from prefect import flow
+
+    import tasks.validate as stage
+
+    data, cache = tmp_path / "data.jsonl", str(tmp_path / "cache")
+    put(str(data), ALPACA_ROWS, "jsonl")
+    reads, real_read = [], stage.read_source
+
+    def rewritten_before_the_first_read(source, options):
+        if not reads:
+            put(str(data), ALPACA_ROWS[:2], "jsonl")
+        reads.append(source.url)
+        return real_read(source, options)
+
+    task = validate_task.with_options(result_storage=tmp_path / "results", retry_delay_seconds=0)
+
+    @flow
+    def validate_once() -> int:
+        return task([str(data)], [], DataOptions(), cache).stats["rows_kept"]
+
+    monkeypatch.setattr(stage, "read_source", rewritten_before_the_first_read)
+    assert validate_once() == 2 and len(reads) == 2  # the first attempt refused, the retry agreed
+    monkeypatch.setattr(stage, "read_source", real_read)
+    put(str(data), ALPACA_ROWS, "jsonl")  # back to the first bytes
+    assert [validate_once() for _ in range(2)] == [len(ALPACA_ROWS)] * 2
+
+
+
 def test_task_wrapper_runs_outside_a_flow(mem, cache):
     artifact = validate_task.fn([put(f"{mem}/a.json", ALPACA_ROWS)], [], DataOptions(), cache)
     assert artifact.stage == "validate-data" and artifact.stats["rows_kept"] == len(ALPACA_ROWS)

@@ -38,6 +38,27 @@ def pack_examples(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
     }
 
 
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into rows of at most `capacity` (an item longer than that gets
+    a row of its own): longest first, each into the first row it fits."""
+    rows: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, load in enumerate(loads) if load + lengths[i] <= capacity), None)
+        if row is None:
+            rows.append([]), loads.append(0)
+            row = len(rows) - 1
+        rows[row].append(i)
+        loads[row] += lengths[i]
+    return rows
+
+
+def packed_shape(lengths: Sequence[int], capacity: int) -> tuple[int, int]:
+    """(rows, width) of pack_rows' output for examples of these lengths."""
+    rows = first_fit_decreasing(lengths, capacity)
+    return len(rows), max(sum(lengths[i] for i in row) for row in rows)
+
+
 def pack_rows(examples: Sequence[dict], row_tokens: int, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pack examples into rows of at most `row_tokens` tokens (first-fit decreasing), then pad the
     rows to the longest one. Capped rows keep attention's cost at rows x row_tokens^2 for kernels
@@ -53,18 +74,9 @@ def pack_rows(examples: Sequence[dict], row_tokens: int, pad_token_id: int) -> d
 
     Padding is a segment of its own (positions restart), so no real token attends to it.
     """
-    bins: list[list[dict]] = []
-    loads: list[int] = []
-    for example in sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True):
-        length = len(example["input_ids"])
-        row = next((i for i, load in enumerate(loads) if load + length <= row_tokens), None)
-        if row is None:
-            bins.append([]), loads.append(0)
-            row = len(bins) - 1
-        bins[row].append(example)
-        loads[row] += length
-    rows = [pack_examples(contents) for contents in bins]
-    width = max(loads)
+    layout = first_fit_decreasing([len(e["input_ids"]) for e in examples], row_tokens)
+    rows = [pack_examples([examples[i] for i in row]) for row in layout]
+    width = max(row["input_ids"].shape[1] for row in rows)
     padded = {name: [] for name in ("input_ids", "labels", "position_ids")}
     for row in rows:
         missing = width - row["input_ids"].shape[1]

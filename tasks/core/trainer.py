@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tasks.core import storage
-from tasks.core.collate import IGNORE_INDEX, pack_examples, pack_rows, pad_examples
+from tasks.core.collate import IGNORE_INDEX, pack_examples, pack_rows, packed_shape, pad_examples
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,24 @@ MEMORY_HEADROOM = 0.85  # gradient_checkpointing='auto' turns on above this shar
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINABLE_FILE = "trainable.safetensors"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+# schemas.config.TrainOptions' defaults as JSON, for callers without pydantic (bare GPU boxes:
+# benchmarks, tests/test_gpu.py); tests/test_train.py keeps the two equal.
+DEFAULT_OPTIONS = {
+    "method": "lora", "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+    "learning_rate": None, "lr_scheduler": "cosine", "warmup_ratio": 0.05, "max_steps": None, "epochs": 3.0,
+    "micro_batch_size": 8, "grad_accum": 1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 42, "packing": True,
+    "device": "auto", "precision": "auto", "attention": "auto", "gradient_checkpointing": "auto", "compile": "auto",
+    "checkpoint_every": 50, "keep_checkpoints": 2, "devices": 1, "nnodes": 1, "node_rank": 0,
+    "rdzv_endpoint": "127.0.0.1:29500", "strategy": "ddp",
+}  # fmt: skip
+
+
+def default_options(**changes: Any) -> dict:
+    """A fresh copy of DEFAULT_OPTIONS with top-level changes."""
+    return {**json.loads(json.dumps(DEFAULT_OPTIONS)), **changes}
 
 
 class WorkerError(RuntimeError):
@@ -288,16 +306,17 @@ def resolve_attention(option: str, device: torch.device, packing: bool) -> str:
     return "sdpa"
 
 
-BLOCK_SPARSE_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+DENSE_ATTENTION = ("sdpa", "eager")
 
 
 def packed_row_tokens(model: torch.nn.Module, rows: TokenRows) -> int | None:
-    """How long a packed row may get. Block-sparse kernels skip the blocks between examples, so a
-    micro-batch is one row (no padding at all); dense ones (sdpa, eager) compute them, so rows are
-    capped at the longest example and the waste stays below rows x longest^2."""
-    if base_model(model).config._attn_implementation in BLOCK_SPARSE_ATTENTION:
-        return None
-    return int(rows.lengths.max())
+    """How long a packed row may get. Dense kernels (sdpa, eager) compute the masked blocks between
+    examples too, so their rows are capped at the longest example. Every other kernel gets one row
+    per micro-batch: flex skips those blocks, and flash kernels keep examples apart only in a
+    batch of one row."""
+    if base_model(model).config._attn_implementation in DENSE_ATTENTION:
+        return int(rows.lengths.max())
+    return None
 
 
 def load_model(spec: TrainSpec, rt: Runtime) -> torch.nn.Module:
@@ -344,15 +363,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
-def needs_checkpointing(option: str, model: torch.nn.Module, rt: Runtime, tokens_per_micro: int, strategy: str) -> bool:
-    """'auto': on only when optimizer state + activations would not fit the free device memory.
+def needs_checkpointing(model: torch.nn.Module, rt: Runtime, tokens_per_micro: int, strategy: str) -> bool:
+    """Whether optimizer state + activations would not fit the free CUDA memory (what
+    gradient_checkpointing='auto' asks).
 
     Activations are estimated per token and layer as ~10 hidden + 4 intermediate values (norms,
     q/k/v, attention output, MLP gate/up/product) plus the loss rows' logits."""
-    if option != "auto":
-        return option == "on"
-    if rt.device.type != "cuda":
-        return False
     config = base_model(model).config
     hidden, layers = config.hidden_size, config.num_hidden_layers
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
@@ -560,7 +576,6 @@ class Plan:
     global_batch: int
     total_steps: int
     warmup_steps: int
-    tokens_per_micro: int
 
 
 def plan_steps(rows: TokenRows, options: dict, world: int) -> Plan:
@@ -570,21 +585,25 @@ def plan_steps(rows: TokenRows, options: dict, world: int) -> Plan:
     else:
         total = max(1, math.ceil(options["epochs"] * len(rows) / global_batch))
     warmup = math.ceil(options["warmup_ratio"] * total)
-    tokens_per_micro = largest_micro_batch(rows, DataOrder(len(rows), options["seed"]), total, global_batch, options)
-    return Plan(global_batch, total, warmup, tokens_per_micro)
+    return Plan(global_batch, total, warmup)
 
 
-def largest_micro_batch(rows: TokenRows, order: DataOrder, total_steps: int, global_batch: int, options: dict) -> int:
-    """The most tokens any micro-batch of the whole run will hold (padded micro-batches: examples x
-    their longest), read off the data order, so the memory estimate sees the real worst step
-    rather than micro_batch_size x the longest example."""
+def largest_micro_batch(rows: TokenRows, plan: Plan, options: dict, row_tokens: int | None) -> int:
+    """The most token slots (padding included) any micro-batch of the whole run will take, read
+    off the data order, so the memory estimate sees the real worst step rather than
+    micro_batch_size x the longest example."""
     micro = options["micro_batch_size"]
-    positions = total_steps * global_batch
+    positions = plan.total_steps * plan.global_batch
+    order = DataOrder(len(rows), options["seed"])
     epochs = -(-positions // len(rows))
     stream = torch.tensor([i for epoch in range(epochs) for i in order.permutation(epoch)][:positions])
     lengths = rows.lengths[stream].view(-1, micro)  # micro-batches in order; every rank's share is whole micro-batches
-    per_micro = lengths.sum(-1) if options["packing"] else lengths.max(-1).values * micro
-    return int(per_micro.max())
+    if not options["packing"]:
+        return int((lengths.max(-1).values * micro).max())
+    if row_tokens is None:
+        return int(lengths.sum(-1).max())
+    shapes = {packed_shape(sorted(batch), row_tokens) for batch in lengths.tolist()}
+    return max(count * width for count, width in shapes)
 
 
 class Session:
@@ -597,7 +616,11 @@ class Session:
         model = load_model(spec, rt)
         self.pad_token_id = base_model(model).config.pad_token_id or 0
         self.row_tokens = packed_row_tokens(model, rows)
-        self.checkpointing = needs_checkpointing(o["gradient_checkpointing"], model, rt, self.plan.tokens_per_micro, o["strategy"])
+        self.checkpointing = o["gradient_checkpointing"] == "on" or (
+            o["gradient_checkpointing"] == "auto"
+            and rt.device.type == "cuda"
+            and needs_checkpointing(model, rt, largest_micro_batch(rows, self.plan, o, self.row_tokens), o["strategy"])
+        )
         self.compiled = o["compile"] == "on" or (
             o["compile"] == "auto" and rt.device.type == "cuda" and self.plan.total_steps >= COMPILE_MIN_STEPS
         )
@@ -867,8 +890,14 @@ def _die_with_parent() -> Callable[[], None] | None:
     import ctypes
     import signal
 
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before the request took effect
+            os._exit(1)
+
+    return arm
 
 
 def _stream(process: subprocess.Popen, progress: Progress | None) -> tuple[list[dict], deque]:
