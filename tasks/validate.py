@@ -503,7 +503,7 @@ def _check_all(sources: list[Source], raws: list[bytes | None], options: DataOpt
     """Every file parsed and checked; raises once, naming every bad file and (policy 'fail') row."""
     checked, problems = [], []
     for i, source in enumerate(sources):
-        raw, raws[i] = raws[i], None  # parsed rows replace the bytes: one file's bytes in memory at a time
+        raw, raws[i] = raws[i], None  # each file's bytes are dropped once its rows are parsed
         try:
             checked.append(check_file(load_source(source, raw), options))
         except FileProblem as exc:

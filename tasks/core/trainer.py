@@ -7,10 +7,10 @@ results), never Prefect, so it also runs on a bare GPU box:
 
 What makes it fast: packed rows (examples concatenated, positions restarting, so attention stays
 block-diagonal; one row per micro-batch under flex attention, rows capped at the longest example
-under sdpa, whose cost grows with the square of a row), logits only at positions that carry loss (`logits_to_keep` as a boolean mask)
-with the cross-entropy in fp32 chunks, a fused (CUDA) or foreach (CPU) AdamW, bf16 autocast on
-GPUs, gradient checkpointing only when the memory estimate asks for it, optional regional
-torch.compile.
+under sdpa, whose cost grows with the square of a row), logits only at positions that carry loss
+(`logits_to_keep` as a boolean mask) with the cross-entropy in fp32 chunks, a fused (CUDA) or
+foreach (CPU) AdamW, bf16 autocast on GPUs, gradient checkpointing only when the memory estimate
+for the run's largest micro-batch asks for it, regional torch.compile for long CUDA runs.
 
 What makes it exact: the loss of an optimizer step is the sum over every loss-bearing token of the
 global batch (all micro-batches, all ranks) divided by their count, so micro 4 x accum 2 equals
@@ -884,7 +884,7 @@ def _die_with_parent() -> Callable[[], None] | None:
     """On Linux, have the kernel send torchrun SIGTERM when the launching thread dies, even by
     SIGKILL (torchrun then stops its workers): otherwise an orphaned run keeps the GPUs busy and
     races the retry that resumes from the same checkpoints. prctl is looked up here, before the
-    fork, so the child only makes the one system call."""
+    fork, so the child runs no imports, only system calls."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
