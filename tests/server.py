@@ -155,6 +155,13 @@ class PrefectServer:
         return self.background([self.executable("prefect"), "worker", "start", "--pool", pool, "--limit", "1"], f"worker-{pool}")
 
     def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One API call, retried on 503: the server answers that when its SQLite database is
+        locked by the worker's writes (retryable, as Prefect's own client treats it)."""
+        for delay in (0.5, 1, 2, 4, 8):
+            response = self.http.request(method, path, **kwargs)
+            if response.status_code != 503:
+                return response
+            time.sleep(delay)
         return self.http.request(method, path, **kwargs)
 
     def deployment(self, flow: str, name: str) -> dict[str, Any]:
