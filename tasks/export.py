@@ -37,7 +37,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE_PACKAGES = ("flows", "schemas", "tasks")
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LIBRARIES = ("torch", "transformers", "peft", "datasets", "safetensors", "prefect")
-REDACTED = "<redacted>"
 
 
 def export_release(
@@ -81,7 +80,7 @@ def export_release(
 def export_key(config, model, trained, evaluation, data, tokenized) -> str:
     return hashing.hash_parts(
         "export", model.key, data.key, tokenized.key, trained.key, evaluation.key if evaluation else None,
-        redacted_config(config), CODE_VERSION,
+        config.redacted_dump(), CODE_VERSION,
     )[:24]
 
 
@@ -90,7 +89,7 @@ def build_release(scratch: Path, key, config, model, trained, evaluation, data, 
     tokenizer, template_matches = release_tokenizer(base_dir, config)
     tokenizer.save_pretrained(str(scratch))
     save_weights(scratch, base_dir, trained_dir, trained.method, config, tokenizer)
-    resolved = redacted_config(config)
+    resolved = config.redacted_dump()
     (scratch / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     (scratch / "run_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     curve = read_loss_curve(trained)
@@ -170,19 +169,10 @@ def save_weights(scratch: Path, base_dir: Path, trained_dir: Path, method: str, 
         generation.save_pretrained(str(scratch))
 
 
-def redacted_config(config: SFTConfig) -> dict[str, Any]:
-    return config.redacted_dump()
-
-
-def _redact(options: dict[str, Any]) -> dict[str, Any]:
-    return {name: REDACTED for name in options}
-
-
 def release_manifest(key, config, model, trained, evaluation, data, tokenized, run_manifest: dict) -> dict[str, Any]:
     """The flow's manifest plus what identifies the release: content hashes and versions."""
     manifest = json.loads(json.dumps(run_manifest, default=str))
-    if isinstance(manifest.get("config"), dict) and "data_options" in manifest["config"]:
-        manifest["config"]["data_options"]["storage_options"] = _redact(manifest["config"]["data_options"].get("storage_options", {}))
+    manifest["config"] = config.redacted_dump()  # whatever the caller passed, never credentials
     manifest["hashes"] = {
         **manifest.get("hashes", {}),
         "data": hashing.hash_url(data.uri),

@@ -16,6 +16,7 @@ from prefect import task
 
 from schemas.config import TrainOptions
 from schemas.manifests import ModelArtifact, TokenizedArtifact, TrainArtifact
+from tasks.artifacts import in_prefect_run
 from tasks.caching import content_cache_key
 from tasks.core import collate, hashing, storage, trainer
 
@@ -102,9 +103,7 @@ class PrefectProgress:
     LOG_EVERY steps. Outside a flow or task run it only logs to the module logger."""
 
     def __init__(self, log_every: int = LOG_EVERY, min_interval_s: float = 2.0):
-        from prefect.context import FlowRunContext, TaskRunContext
-
-        self.in_run = FlowRunContext.get() is not None or TaskRunContext.get() is not None
+        self.in_run = in_prefect_run()
         self.log_every, self.min_interval_s = log_every, min_interval_s
         self.artifact_id, self.last_update = None, 0.0
         self.log = self._logger()

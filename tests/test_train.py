@@ -227,29 +227,38 @@ def test_compiled_training_matches_eager(base, tokenized, tmp_path):
     assert_same_weights(compiled, eager)
 
 
-def test_resume_after_kill_matches_an_uninterrupted_run(base, tokenized, tmp_path):
-    opts = options(max_steps=8, checkpoint_every=2, keep_checkpoints=2)
-    crashed_cache = tmp_path / "crashed"
-    key, url = train_entry(tokenized, base, opts, str(crashed_cache))
-    marker = Path(checkpoint_url(str(crashed_cache), key)) / "step-00000002" / storage.COMPLETE_MARKER
-    # The child runs the training core alone (no Prefect import), slowed by its progress callback.
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(asdict(train_spec(tokenized, base, opts, str(crashed_cache)))))
+def kill_after_first_checkpoint(tokenized, base, opts, cache: Path, progress_delay_s: float = 0.0):
+    """Train in a child process that runs the training core alone (no Prefect import); SIGKILL it,
+    not its group, once the checkpoint of step 2 is complete. Returns the process, its
+    descendants at the moment of the kill and the URL of the entry it was building."""
+    key, url = train_entry(tokenized, base, opts, str(cache))
+    marker = Path(checkpoint_url(str(cache), key)) / "step-00000002" / storage.COMPLETE_MARKER
+    spec_file = cache.with_name(cache.name + ".spec.json")
+    spec_file.write_text(json.dumps(asdict(train_spec(tokenized, base, opts, str(cache)))))
     script = (
         "import json, sys, time\n"
         "from tasks.core.trainer import TrainSpec, train\n"
-        "train(TrainSpec(**json.load(open(sys.argv[1]))), progress=lambda event: time.sleep(0.4))\n"
+        f"train(TrainSpec(**json.load(open(sys.argv[1]))), progress=lambda event: time.sleep({progress_delay_s}))\n"
     )
     process = subprocess.Popen([sys.executable, "-c", script, str(spec_file)], cwd=ROOT)
     try:
         deadline = time.monotonic() + 180
         while not marker.exists():
-            assert process.poll() is None, "the trainer ended before its first checkpoint"
+            assert process.poll() is None, "training ended before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
+            time.sleep(0.02)
+        descendants = process_tree(process.pid)[1:]
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait()
+    return process, descendants, url
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(base, tokenized, tmp_path):
+    opts = options(max_steps=8, checkpoint_every=2, keep_checkpoints=2)
+    crashed_cache = tmp_path / "crashed"
+    # Slowed by its progress callback, so the kill lands well before the end.
+    process, _, url = kill_after_first_checkpoint(tokenized, base, opts, crashed_cache, progress_delay_s=0.4)
     assert process.returncode == -signal.SIGKILL and not storage.is_complete(url)
 
     resumed = train_model(tokenized, base, opts, str(crashed_cache))
@@ -341,22 +350,7 @@ def test_killed_fsdp_launcher_takes_its_workers_down_and_a_rerun_resumes(base, t
     below shows the launch does not depend on that.)"""
     opts = options(method="full", micro_batch_size=2, devices=2, strategy="fsdp", max_steps=16, checkpoint_every=2)
     cache = tmp_path / "crashed"
-    key, url = train_entry(tokenized, base, opts, str(cache))
-    marker = Path(checkpoint_url(str(cache), key)) / "step-00000002" / storage.COMPLETE_MARKER
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(asdict(train_spec(tokenized, base, opts, str(cache)))))
-    script = "import json, sys\nfrom tasks.core.trainer import TrainSpec, train\ntrain(TrainSpec(**json.load(open(sys.argv[1]))))\n"
-    launcher = subprocess.Popen([sys.executable, "-c", script, str(spec_file)], cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 180
-        while not marker.exists():
-            assert launcher.poll() is None, "training ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        workers = process_tree(launcher.pid)[1:]
-        os.kill(launcher.pid, signal.SIGKILL)
-    finally:
-        launcher.wait()
+    _, workers, url = kill_after_first_checkpoint(tokenized, base, opts, cache)
     assert len(workers) >= 3  # torchrun and its two ranks
     deadline = time.monotonic() + 60
     while any(is_running(pid) for pid in workers):
