@@ -48,6 +48,7 @@ def _help_text(annotation: Any, info: Any) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m flows.sft",
+        allow_abbrev=False,  # a misspelt flag must fail, never silently set the option it prefixes
         description="Fine-tune a causal language model: validate-data -> tokenize-and-cache -> train -> evaluate -> export. "
         "With no arguments: the embedded SmolLM2-135M-Instruct learns a new identity from the built-in demo data.",
     )

@@ -12,6 +12,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -19,15 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, tags
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from flows.cli import config_from_args
 from flows.report import format_dataset_stats, format_run_summary
+from flows.server import api_for_cli
 from schemas.config import SFTConfig
 from schemas.manifests import StageResult
 from tasks.core import storage
 from tasks.evaluate import QualityGateError, enforce_gate, evaluate_task, publish_eval_artifacts
-from tasks.export import export_task
+from tasks.export import check_output_target, export_task
 from tasks.model import import_model_task
 from tasks.tokenize import publish_tokenize_stats, tokenize_task
 from tasks.train import train_task
@@ -91,9 +94,12 @@ def _result_storage(config: SFTConfig) -> dict[str, Any]:
 @flow(name="sft", log_prints=True)
 def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
     """Fine-tune `config.model` on `config.data` and publish the release at `config.output`."""
+    # Before any work, and before anything (even a failed run's record) is written under it.
+    check_output_target(config.output, config.data_options.storage_options, config.cache_dir)
     ledger = RunLedger(config)
     try:
         data = ledger.run(validate_task, config.data, config.eval_data, config.data_options, config.cache_dir)
+        require_eval_rows(data, config)
         model = ledger.run(import_model_task, config.model, config.cache_dir, config.trust_remote_code)
         tokenized = ledger.run(tokenize_task, data, model, config.template, config.cache_dir)
         if config.dry_run:
@@ -107,10 +113,28 @@ def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
             )
         enforce_gate(evaluation)
         ledger.run(export_task, config, model, trained, evaluation, data, tokenized, ledger.manifest("completed"))
-    except Exception:
-        _finish(ledger, "failed")
+    except BaseException as error:  # Ctrl-C and SIGTERM too: every attempt leaves its record
+        _finish(ledger, _failure_status(error))
         raise
     return _finish(ledger, "completed", exported=True)
+
+
+def require_eval_rows(data: StageResult, config: SFTConfig) -> None:
+    """The quality gate needs held-out rows: say so now rather than after training."""
+    if config.eval.enabled and not data.stats.get("eval_rows"):
+        raise DataValidationError(
+            "no held-out rows to evaluate on: the quality gate would fail after training. Set --eval_data, raise "
+            f"--data_options.eval_fraction (now {config.data_options.eval_fraction}), or turn evaluation off "
+            "with --no-eval.enabled."
+        )
+
+
+def _failure_status(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(error, (TerminatedBySignal, TerminationSignal)):
+        return "terminated"
+    return "failed"
 
 
 def _finish(ledger: RunLedger, status: str, exported: bool = False) -> dict[str, Any]:
@@ -132,12 +156,38 @@ def _finish(ledger: RunLedger, status: str, exported: bool = False) -> dict[str,
     return manifest
 
 
+class TerminatedBySignal(BaseException):
+    """SIGTERM (docker stop, systemd, Kubernetes) reached the CLI: unwind like Ctrl-C does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise TerminatedBySignal(signum)
+
+
+# Failures the user can fix, and whose message says how: printed without a type name.
+USER_ERRORS = (DataValidationError, QualityGateError, ValueError)
+RESUME_HINT = "run the same command again to resume from the last checkpoint"
+
+
 def main(argv: list[str] | None = None) -> int:
     config = config_from_args(argv)
     started = time.perf_counter()
+    # Prefect swaps in its own SIGTERM handler during the run and hands the signal back to this one.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        manifest = sft(config)
-    except (DataValidationError, QualityGateError) as error:
+        with api_for_cli():
+            manifest = sft(config)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the run stopped (Ctrl-C); {RESUME_HINT}", file=sys.stderr)
+        return 130
+    except TerminatedBySignal as stopped:
+        print(f"\nterminated: the run stopped ({stopped}); {RESUME_HINT}", file=sys.stderr)
+        return 128 + stopped.signum
+    except USER_ERRORS as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
     except Exception as error:  # the stage's traceback is already in the log above

@@ -16,7 +16,9 @@ EMBEDDED_DATA = "embedded:identity-demo"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are never meaningful settings (an infinite learning rate or epoch count
+    # would only fail, or run forever, after the data has been read and tokenized).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataOptions(_Section):
@@ -152,7 +154,7 @@ class ExportOptions(_Section):
 class SFTConfig(BaseModel):
     """A complete fine-tuning run: where data and model come from, how to train, where results go."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data: list[str] = Field(
         default_factory=lambda: [EMBEDDED_DATA],

@@ -26,6 +26,7 @@ from schemas.manifests import DataArtifact, EvalArtifact, ModelArtifact, Tokeniz
 from tasks.artifacts import publisher
 from tasks.caching import content_cache_key
 from tasks.core import collate, formatting, hashing, metrics, modeling, storage
+from tasks.retrying import retry_transient
 
 logger = logging.getLogger(__name__)
 
@@ -409,7 +410,13 @@ def publish_eval_artifacts(result: EvalArtifact) -> None:
 CODE_VERSION = hashing.code_version(sys.modules[__name__], metrics, modeling, collate, formatting)
 
 
-@task(name="evaluate", cache_key_fn=content_cache_key(evaluate_entry), persist_result=True, retries=1)
+@task(
+    name="evaluate",
+    cache_key_fn=content_cache_key(evaluate_entry),
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_transient,
+)
 def evaluate_task(
     data: DataArtifact,
     tokenized: TokenizedArtifact,

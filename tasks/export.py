@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import shutil
 import sys
 import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 from prefect import task
@@ -30,6 +31,7 @@ from tasks.core import embedded, formatting, hashing, modeling, storage
 from tasks import evaluate
 from tasks.artifacts import publisher
 from tasks.evaluate import metric_rows, plot_loss_curve, read_loss_curve
+from tasks.retrying import retry_transient
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,77 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE_PACKAGES = ("flows", "schemas", "tasks")
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LIBRARIES = ("torch", "transformers", "peft", "datasets", "safetensors", "prefect")
+
+
+RELEASE_MANIFEST = "run_manifest.json"
+ATTEMPTS = "attempts"  # run records kept inside the output folder (tasks that did not build the release)
+ATTEMPT_NAME = re.compile(r"^\d{8}T\d{6}Z-[a-z-]+$")
+
+
+def check_output_target(output: str, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None) -> None:
+    """Refuse, before any work starts, an output that publishing a release would destroy.
+
+    Publishing replaces the whole folder at `output`, so it may only be: missing, an empty folder,
+    a release of ours (manifest with a release key, and no file the release did not write), or a
+    folder holding nothing but our run records (`attempts/`). Anything else (a regular file, `.`,
+    the folder with the user's data) raises RefusedTargetError naming the path. The cache may not
+    live inside the output (the release would replace it) nor the output inside the cache."""
+    fs, path = storage.filesystem(output, storage_options)
+    shown = fs.unstrip_protocol(path) if "://" in output else output
+    if cache_dir is not None and _overlaps(output, cache_dir):
+        raise storage.RefusedTargetError(
+            f"--output {shown} and --cache_dir {cache_dir} overlap: publishing the release replaces the whole output "
+            "folder, so the two must be separate folders"
+        )
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise storage.RefusedTargetError(
+            f"--output {shown} is an existing file, not a release folder: refusing to replace it. Choose a new folder."
+        )
+    names = sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
+    foreign = _foreign_entries(fs, path, names)
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise storage.RefusedTargetError(
+            f"--output {shown} is an existing folder that is not a release of this pipeline (it holds {listed}): "
+            "refusing to replace it, nothing was changed. Choose a new or empty folder, or a previous release."
+        )
+
+
+def _foreign_entries(fs, path: str, names: list[str]) -> list[str]:
+    """The entries of an existing output folder that a release must not replace."""
+    if not names:
+        return []
+    ours = {ATTEMPTS, storage.COMPLETE_MARKER}
+    release = _read_release(fs, f"{path}/{RELEASE_MANIFEST}") if RELEASE_MANIFEST in names else None
+    if release is not None:
+        # Releases list what they wrote; older ones did not, and count as wholly ours.
+        ours |= set(release.get("files") or names)
+    foreign = [name for name in names if name not in ours]
+    if ATTEMPTS in names:
+        foreign += [f"{ATTEMPTS}/{name}" for name in _names(fs, f"{path}/{ATTEMPTS}") if not ATTEMPT_NAME.match(name)]
+    return foreign
+
+
+def _read_release(fs, manifest_path: str) -> dict | None:
+    try:
+        with fs.open(manifest_path, "r", encoding="utf-8") as handle:
+            release = json.load(handle).get("release")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return release if isinstance(release, dict) and release.get("key") else None
+
+
+def _names(fs, path: str) -> list[str]:
+    return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
+
+
+def _overlaps(output: str, cache_dir: str) -> bool:
+    if not (storage.is_local(output) and storage.is_local(cache_dir)):
+        return False
+    first, second = (Path(storage.filesystem(url)[1]).resolve() for url in (output, cache_dir))
+    return first == second or first in second.parents or second in first.parents
 
 
 def export_release(
@@ -57,6 +130,7 @@ def export_release(
     key = export_key(config, model, trained, evaluation, data, tokenized)
     store_hit = _release_key(config.output, options) == key
     if not store_hit:
+        check_output_target(config.output, options)  # again: the folder may have changed since the run began
         with storage.atomic_directory(config.output, options) as scratch:
             build_release(scratch, key, config, model, trained, evaluation, data, tokenized, run_manifest)
     files = _listing(config.output, options)
@@ -100,8 +174,11 @@ def build_release(scratch: Path, key, config, model, trained, evaluation, data, 
         _copy_tree(storage.local_copy(evaluation.uri), scratch / "eval")
     manifest = release_manifest(key, config, model, trained, evaluation, data, tokenized, run_manifest)
     manifest["release"]["chat_template_matches_training"] = template_matches
-    (scratch / "run_manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     write_model_card(scratch, config, model, trained, evaluation, data, tokenized, manifest)
+    # What the release wrote at its top level: a later run replaces the folder only while it
+    # holds nothing else (check_output_target).
+    manifest["release"]["files"] = sorted([path.name for path in scratch.iterdir()] + [RELEASE_MANIFEST])
+    (scratch / RELEASE_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 # The plain template (tasks/core/formatting.py) as Jinja, for base models without a chat template,
@@ -390,7 +467,7 @@ def _num(value: Any) -> str:
 CODE_VERSION = hashing.code_version(sys.modules[__name__], evaluate, modeling, formatting)
 
 
-@task(name="export", retries=2, retry_delay_seconds=[2, 10])
+@task(name="export", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
 def export_task(
     config: SFTConfig,
     model: ModelArtifact,

@@ -2,7 +2,10 @@
 
 A GGUF file (the embedded SmolLM2) is dequantized and converted once; the converted folder is keyed
 by the GGUF's bytes, so every later run reloads safetensors in well under a second instead of
-re-parsing GGUF metadata (~35 s). Local folders are used in place and keyed by their content."""
+re-parsing GGUF metadata (~35 s). Local folders are used in place and keyed by their content.
+
+A folder must hold config.json and safetensors weights; one that does not (or does not exist) is
+refused with a ModelSourceError before anything in it is hashed or opened, so a pickle never is."""
 
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from schemas.config import EMBEDDED_MODEL
 from schemas.manifests import ModelArtifact
 from tasks.caching import content_cache_key
 from tasks.core import embedded, hashing, storage
+from tasks.core.modeling import ModelSourceError, check_model_folder  # the error is raised from here too
+from tasks.retrying import retry_transient
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +64,27 @@ def model_entry(model: str, cache_dir: str) -> tuple[str, str]:
 def _source_fingerprint(model: str) -> str:
     if model == EMBEDDED_MODEL:
         return hashing.hash_url(str(embedded.smollm2_gguf_path()))
-    folder = Path(model)
-    if folder.is_dir():
+    folder = _local_folder(model)
+    if folder is not None:
         return _folder_fingerprint(folder)
     return hashing.hash_parts("hub", model)  # a hub id: identity is the id (revision pinning is the hub's job)
+
+
+def _local_folder(model: str) -> Path | None:
+    """The checked folder `model` names, or None for a Hugging Face id (org/name). An existing path
+    wins, as in transformers; a missing one must not fall through to the hub's "Repo id must be in
+    the form ..." error."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return check_model_folder(path)
+    if _is_hub_id(model):
+        return None
+    hint = "; a Hugging Face id is written org/name" if "/" not in model else ""
+    raise ModelSourceError(f"model folder {path.absolute()} does not exist{hint}")
+
+
+def _is_hub_id(model: str) -> bool:
+    return model.count("/") == 1 and not model.startswith((".", "/", "~")) and "\\" not in model
 
 
 def import_model(model: str, cache_dir: str, trust_remote_code: bool = False) -> ModelArtifact:
@@ -93,8 +115,10 @@ def _convert(model: str, target: Path, trust_remote_code: bool) -> None:
     if model == EMBEDDED_MODEL:
         _convert_gguf(embedded.smollm2_gguf_path(), target)
         return
-    loaded = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code, dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    folder = _local_folder(model)
+    source = str(folder) if folder is not None else model
+    loaded = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, trust_remote_code=trust_remote_code, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     loaded.save_pretrained(str(target), safe_serialization=True)
     tokenizer.save_pretrained(str(target))
 
@@ -127,6 +151,7 @@ CODE_VERSION = hashing.code_version(sys.modules[__name__])
     cache_key_fn=content_cache_key(model_entry),
     persist_result=True,
     retries=2,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=[5, 30],
 )
 def import_model_task(model: str, cache_dir: str, trust_remote_code: bool = False) -> ModelArtifact:

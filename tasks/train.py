@@ -19,6 +19,7 @@ from schemas.manifests import ModelArtifact, TokenizedArtifact, TrainArtifact
 from tasks.artifacts import in_prefect_run
 from tasks.caching import content_cache_key
 from tasks.core import collate, hashing, storage, trainer
+from tasks.retrying import retry_transient
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ def _release_cuda_memory() -> None:
     cache_key_fn=content_cache_key(train_entry),
     persist_result=True,
     retries=2,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=[5, 30],
 )
 def train_task(

@@ -369,8 +369,8 @@ def test_a_launched_process_dies_with_its_launcher_even_when_silent(tmp_path):
     pid_file = tmp_path / "child.pid"
     script = (
         "import subprocess, sys, time\n"
-        "from tasks.core.trainer import _die_with_parent\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], preexec_fn=_die_with_parent())\n"
+        "from tasks.core.processes import die_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], preexec_fn=die_with_parent())\n"
         f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
         "time.sleep(120)\n"
     )

@@ -1,9 +1,10 @@
 """Loading the models a run compares and publishes: the base model, base + LoRA adapter, a fully
 fine-tuned model, and a LoRA merged into its base.
 
-Weights are read from safetensors only (`use_safetensors=True`; an adapter without
-`adapter_model.safetensors` is refused), so no pickle is ever executed, and model code from a
-repository runs only when the caller passes `trust_remote_code=True`."""
+Weights are read from safetensors only: a folder is checked before anything in it is opened
+(`check_model_folder`; an adapter without `adapter_model.safetensors` is refused too) and loaded with
+`use_safetensors=True`, so no pickle is ever executed. Model code from a repository runs only when
+the caller passes `trust_remote_code=True`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,51 @@ from typing import Any
 import torch
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What transformers loads with use_safetensors=True: one file, or the index of a sharded checkpoint.
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+FOLDER_CONTENTS = "a model folder holds config.json, model.safetensors (or its sharded index) and the tokenizer files"
+
+
+class ModelSourceError(ValueError):
+    """A model source that can never load as given: a missing folder, no config.json, pickle-only
+    weights. A ValueError, not an OSError, so retry policies for transient I/O fail it at once."""
+
+
+def check_model_folder(folder: str | Path) -> Path:
+    """`folder`, once it is known to hold a config and safetensors weights. Only names are read, so
+    a folder of pickles is refused before any of them is opened."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise ModelSourceError(f"model folder {folder.absolute()} does not exist")
+    if not folder.is_dir():
+        raise ModelSourceError(f"{folder.absolute()} is a file, not a folder; {FOLDER_CONTENTS}")
+    names = sorted(path.name for path in folder.iterdir())
+    if "config.json" not in names:
+        raise ModelSourceError(f"model folder {folder} has no config.json (it holds: {_brief(names)}); {FOLDER_CONTENTS}")
+    if not any(name in names for name in MODEL_WEIGHTS):
+        raise ModelSourceError(_no_safetensors(folder, names))
+    return folder
+
+
+def _no_safetensors(folder: Path, names: list[str]) -> str:
+    pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
+    if not pickles:
+        return f"model folder {folder} has no model.safetensors (it holds: {_brief(names)}); {FOLDER_CONTENTS}"
+    # Unpickling runs whatever code the file names, so the conversion is the user's call, made once.
+    return (
+        f"model folder {folder} has only pickle weights (*.bin/*.pt/*.pth/*.ckpt: {_brief(pickles)}), which are "
+        "never loaded because unpickling can run arbitrary code. Convert them once, in a trusted environment: "
+        "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True), "
+        "and copy the tokenizer files beside it"
+    )
+
+
+def _brief(names: list[str], limit: int = 8) -> str:
+    if not names:
+        return "nothing"
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -37,6 +83,7 @@ def load_causal_lm(folder: str | Path, trust_remote_code: bool = False, dtype: A
     """A causal LM from a local safetensors folder, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    folder = check_model_folder(folder)
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
     )
@@ -49,7 +96,10 @@ def attach_adapter(base, adapter_folder: str | Path):
 
     adapter_folder = Path(adapter_folder)
     if not (adapter_folder / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{adapter_folder} has no {ADAPTER_WEIGHTS}; only safetensors adapters are loaded")
+        held = sorted(path.name for path in adapter_folder.iterdir()) if adapter_folder.is_dir() else []
+        raise ModelSourceError(
+            f"{adapter_folder} has no {ADAPTER_WEIGHTS} (it holds: {_brief(held)}); only safetensors adapters are loaded"
+        )
     return PeftModel.from_pretrained(base, str(adapter_folder), is_trainable=False).eval()
 
 
@@ -79,6 +129,7 @@ def merge_lora(base_folder: str | Path, adapter_folder: str | Path, trust_remote
     """Base + adapter merged into plain weights (merged in fp32, then cast back to the base's dtype)."""
     from transformers import AutoConfig
 
+    base_folder = check_model_folder(base_folder)  # before AutoConfig, whose errors speak of hub repos
     config = AutoConfig.from_pretrained(str(base_folder), trust_remote_code=trust_remote_code)
     saved_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(saved_dtype, str):

@@ -22,6 +22,10 @@ from fsspec.implementations.local import LocalFileSystem
 COMPLETE_MARKER = "_COMPLETE"
 
 
+class RefusedTargetError(ValueError):
+    """A write would replace something that is not ours to replace; no retry can change that."""
+
+
 def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
 
@@ -80,12 +84,14 @@ def atomic_directory(url: str, storage_options: dict[str, Any] | None = None, re
     On a local filesystem the folder is built as a hidden sibling and renamed into place (the old
     entry, if any, is swapped out and deleted only afterwards). Elsewhere it is uploaded under a
     temporary name, moved, and the marker is written last. On error nothing is published and the
-    previous entry is left intact."""
+    previous entry is left intact. Scratch left by a process that was killed (kill -9, power loss)
+    is removed by the next writer of the same entry."""
     fs, path = filesystem(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        remove_stale_scratch(target)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(target, 'tmp')}{os.getpid()}-", dir=target.parent))
         try:
             yield scratch
             (scratch / COMPLETE_MARKER).write_text("ok\n")
@@ -101,11 +107,52 @@ def atomic_directory(url: str, storage_options: dict[str, Any] | None = None, re
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _scratch_prefix(target: Path, kind: str) -> str:
+    """Hidden siblings of `target`: `.name.tmp-<pid>-*` while building, `.name.old-<pid>-*` while
+    swapping. The pid says whether the writer is still alive."""
+    return f".{target.name}.{kind}-"
+
+
+def remove_stale_scratch(target: Path) -> list[Path]:
+    """Delete the scratch siblings of `target` whose writing process is gone; returns them.
+
+    A retired previous entry (`.old-`) whose writer died between the two renames of a swap is the
+    only copy of that entry: it is put back when nothing took its place."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for sibling in target.parent.glob(_scratch_prefix(target, kind) + "*"):
+            if not sibling.is_dir() or _writer_alive(sibling.name[len(_scratch_prefix(target, kind)):]):
+                continue
+            if kind == "old" and not target.exists():
+                os.replace(sibling, target)
+                continue
+            shutil.rmtree(sibling, ignore_errors=True)
+            removed.append(sibling)
+    return removed
+
+
+def _writer_alive(suffix: str) -> bool:
+    """Whether the process named in a scratch suffix (`<pid>-<random>`) runs on this machine.
+    Scratch without a pid (written by older versions) is left alone: its writer is unknown."""
+    pid = suffix.split("-", 1)[0]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 def _swap_into_place(scratch: Path, target: Path, replace: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise RefusedTargetError(f"{target} is a file, not a folder: refusing to replace it")
     if target.exists():
         if not replace:
             return  # another writer finished the same content-addressed entry first
-        retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        retired = target.with_name(f"{_scratch_prefix(target, 'old')}{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(target, retired)
         os.replace(scratch, target)
         shutil.rmtree(retired, ignore_errors=True)

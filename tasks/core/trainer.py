@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tasks.core import storage
+from tasks.core.processes import die_with_parent
 from tasks.core.collate import IGNORE_INDEX, pack_examples, pack_rows, packed_shape, pad_examples
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ COMPILE_MIN_STEPS = 100  # compile='auto' compiles only runs at least this long
 MEMORY_HEADROOM = 0.85  # gradient_checkpointing='auto' turns on above this share of free memory
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINABLE_FILE = "trainable.safetensors"
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 # schemas.config.TrainOptions' defaults as JSON, for callers without pydantic (bare GPU boxes:
@@ -82,7 +82,12 @@ def default_options(**changes: Any) -> dict:
 
 
 class WorkerError(RuntimeError):
-    """A torchrun worker failed; the message is the worker's own exception."""
+    """A torchrun worker failed; the message is the worker's own exception. `crashed`: no worker
+    reported a Python error (a killed or preempted process), so another attempt may succeed."""
+
+    def __init__(self, message: str, crashed: bool = False):
+        super().__init__(message)
+        self.crashed = crashed
 
 
 @dataclass
@@ -869,35 +874,15 @@ def launch_torchrun(spec: TrainSpec, progress: Progress | None = None) -> dict:
         command = torchrun_command(spec_file, spec.options, spec.run_id)
         logger.info("Launching %s", " ".join(command))
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root, text=True, bufsize=1, preexec_fn=_die_with_parent()
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root, text=True, bufsize=1, preexec_fn=die_with_parent()
         )
         errors, tail = _stream(process, progress)
     if process.returncode != 0:
         if errors:
             first = errors[0]
             raise WorkerError(f"training worker (rank {first['rank']}) failed: {first['type']}: {first['message']}")
-        raise WorkerError(f"torchrun exited with {process.returncode}:\n" + "".join(tail))
+        raise WorkerError(f"torchrun exited with {process.returncode}:\n" + "".join(tail), crashed=True)
     return storage.read_json(storage.join(spec.output_url, "train_stats.json"))
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """On Linux, have the kernel send torchrun SIGTERM when the launching thread dies, even by
-    SIGKILL (torchrun then stops its workers): otherwise an orphaned run keeps the GPUs busy and
-    races the retry that resumes from the same checkpoints. prctl is looked up here, before the
-    fork, so the child runs no imports, only system calls."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-    import signal
-
-    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
-
-    def arm() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the launcher died before the request took effect
-            os._exit(1)
-
-    return arm
 
 
 def _stream(process: subprocess.Popen, progress: Progress | None) -> tuple[list[dict], deque]:

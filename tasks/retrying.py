@@ -1,0 +1,41 @@
+"""Which failures a stage retries: only those another attempt can get past.
+
+A missing model folder, bad data, weights refused as pickles or every row too long fail the same
+way every time; retrying them only adds the retry delays (12 to 40 s) before the same error.
+Transient failures are retried: I/O that may work next time (a network filesystem, an object
+store, a connection), device memory, a training process that was killed or preempted (the retry
+resumes from its last checkpoint), and an input file that changed while the stage read it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.caching import InputsChangedError
+from tasks.core.trainer import WorkerError
+
+# OSErrors that say the same thing on every attempt.
+PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+
+
+def is_transient(error: BaseException | None) -> bool:
+    if error is None or isinstance(error, ValueError):
+        return False  # our deterministic errors (data, model source, refused targets) are ValueErrors
+    if isinstance(error, (InputsChangedError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(error, WorkerError):
+        return error.crashed or "OutOfMemoryError" in str(error)
+    if _is_out_of_memory(error):
+        return True
+    return isinstance(error, OSError) and not isinstance(error, PERMANENT_OS_ERRORS)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's `retry_condition_fn`: retry a failed attempt only when its error is transient."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    return is_transient(error)
