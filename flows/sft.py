@@ -29,6 +29,9 @@ from flows.server import api_for_cli
 from schemas.config import SFTConfig
 from schemas.manifests import StageResult
 from tasks.core import storage
+from tasks.core.modeling import ModelSourceError
+from tasks.core.storage import RefusedTargetError
+from tasks.core.trainer import TrainingDivergedError
 from tasks.evaluate import QualityGateError, enforce_gate, evaluate_task, publish_eval_artifacts
 from tasks.export import check_output_target, export_task
 from tasks.model import import_model_task
@@ -169,7 +172,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 # Failures the user can fix, and whose message says how: printed without a type name.
-USER_ERRORS = (DataValidationError, QualityGateError, ValueError)
+USER_ERRORS = (DataValidationError, QualityGateError, RefusedTargetError, ModelSourceError, TrainingDivergedError)
 RESUME_HINT = "run the same command again to resume from the last checkpoint"
 
 
@@ -177,10 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(argv)
     started = time.perf_counter()
     # Prefect swaps in its own SIGTERM handler during the run and hands the signal back to this one.
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        with api_for_cli():
-            manifest = sft(config)
+        manifest = _run_cli(config)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the run stopped (Ctrl-C); {RESUME_HINT}", file=sys.stderr)
         return 130
@@ -193,8 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # the stage's traceback is already in the log above
         print(f"\nerror: the run failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(format_run_summary(manifest, time.perf_counter() - started))
     return 0
+
+
+def _run_cli(config: SFTConfig) -> dict[str, Any]:
+    # The flow checks the output too (deployments, the UI); here it fails before a server starts.
+    check_output_target(config.output, config.data_options.storage_options, config.cache_dir)
+    with api_for_cli():
+        return sft(config)
 
 
 if __name__ == "__main__":

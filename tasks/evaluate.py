@@ -250,8 +250,10 @@ def check_gate(base: dict, tuned: dict, gate: GateOptions) -> tuple[bool, str]:
         f"threshold {', '.join(rules) or 'none'}"
     )
     failures = []
-    if not _finite(t):
+    if t is None:
         failures.append(f"tuned {name} is unavailable (no eval rows, or num_generate is 0)")
+    elif not _finite(t):
+        failures.append(f"tuned {name} is {t}, not a number: the model diverged in training (lower the learning rate)")
     else:
         if gate.max_regression is not None:
             if not _finite(b):

@@ -180,3 +180,68 @@ def test_a_plain_template_release_renders_prompts_exactly_as_training(tmp_path, 
     assert (expected[0] == original.bos_token_id) is add_bos
     full = tokenizer.apply_chat_template(conversation, tokenize=False)
     assert full == ("<|im_start|>" if add_bos else "") + formatting.render_plain(conversation, False, original.eos_token)
+
+
+# --- what --output may replace ------------------------------------------------------------------
+
+
+def test_a_release_is_replaced_but_not_once_it_holds_a_file_it_did_not_write(world, tmp_path):
+    output = tmp_path / "release"
+    run_export(world, make_config(world, str(output), method="lora"))
+    replaced = run_export(world, make_config(world, str(output), method="full"))
+    assert not replaced.store_hit and not (output / "adapter").exists()
+    assert "adapter" not in json.loads((output / "run_manifest.json").read_text())["release"]["files"]
+
+    (output / "notes.txt").write_text("my notes")
+    with pytest.raises(storage.RefusedTargetError, match="notes.txt"):
+        run_export(world, make_config(world, str(output), method="lora"))
+    assert (output / "notes.txt").read_text() == "my notes" and not (output / "adapter").exists()
+
+
+@pytest.mark.parametrize("kind", ["regular file", "folder with the data", "memory folder"])
+def test_an_output_that_is_not_a_release_is_refused_by_export_itself(world, tmp_path, kind):
+    if kind == "memory folder":
+        output = f"memory://not-a-release/{uuid.uuid4().hex}"
+        storage.write_text_atomic(storage.join(output, "data.jsonl"), "{}\n")
+    elif kind == "regular file":
+        output = str(tmp_path / "notes.txt")
+        Path(output).write_text("mine")
+    else:
+        output = str(tmp_path / "data")
+        Path(output).mkdir()
+        (Path(output) / "data.jsonl").write_text("{}\n")
+    before = snapshot(output)
+    with pytest.raises(storage.RefusedTargetError, match="refusing to replace it"):
+        run_export(world, make_config(world, output))
+    assert snapshot(output) == before
+
+
+def snapshot(url: str) -> dict[str, bytes]:
+    fs, path = storage.filesystem(url)
+    if fs.isfile(path):
+        return {"": fs.cat_file(path)}
+    return {name: fs.cat_file(name) for name in fs.find(path)}
+
+
+def test_only_missing_empty_release_or_record_only_outputs_are_accepted(tmp_path):
+    export.check_output_target(str(tmp_path / "new"))
+    (tmp_path / "empty").mkdir()
+    export.check_output_target(str(tmp_path / "empty"))
+    attempt = tmp_path / "records" / "attempts" / "20261203T101500Z-dry-run"
+    attempt.mkdir(parents=True)
+    (attempt / "run_manifest.json").write_text("{}")
+    export.check_output_target(str(tmp_path / "records"))
+    (tmp_path / "records" / "attempts" / "my-notes").mkdir()
+    with pytest.raises(storage.RefusedTargetError, match="attempts/my-notes"):
+        export.check_output_target(str(tmp_path / "records"))
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "run_manifest.json").write_text('{"stages": {}}')  # not a release manifest
+    with pytest.raises(storage.RefusedTargetError, match="run_manifest.json"):
+        export.check_output_target(str(tmp_path / "fake"))
+
+
+@pytest.mark.parametrize("cache", ["out/cache", "out", "."])
+def test_a_cache_inside_the_output_or_around_it_is_refused(tmp_path, cache):
+    with pytest.raises(storage.RefusedTargetError, match="overlap"):
+        export.check_output_target(str(tmp_path / "out"), cache_dir=str(tmp_path / cache))
+    export.check_output_target(str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))

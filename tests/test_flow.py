@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,7 @@ from flows.sft import main, sft
 from schemas.config import SFTConfig
 from tests.server import ARTIFACT_KEYS
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["validate-data", "import-model", "tokenize-and-cache", "train", "evaluate", "export"]
 
 
@@ -113,3 +120,159 @@ def test_cli_bad_data_exits_non_zero_and_writes_nothing(prefect_harness, tmp_pat
     assert "bad.jsonl" in err and "instruction" in err
     assert not (tmp_path / "cache" / "tokenized").exists()
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# --- what --output may replace, through the command line ----------------------------------------
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize("output", [".", "data", "notes.txt"])
+def test_cli_refuses_an_output_that_is_not_a_release(tmp_path, monkeypatch, tiny_model_dir, capsys, output, dry_run):
+    """Before: `--output .` or the data's folder was replaced by the release (the user's files
+    gone, exit 0), and a regular file was swapped out for a release folder."""
+    from tests.conftest import ALPACA_ROWS
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "alpaca.json").write_text(json.dumps(ALPACA_ROWS * 4))
+    (work / "notes.txt").write_text("my notes")
+    monkeypatch.chdir(work)
+    before = tree(work)
+    argv = ["--data", "data/alpaca.json", "--model", str(tiny_model_dir), "--output", output, "--cache_dir", str(tmp_path / "cache")]
+    assert main(argv + (["--dry-run"] if dry_run else [])) == 1
+    err = capsys.readouterr().err
+    assert f"--output {output} is an existing" in err and "refusing to replace it" in err
+    assert tree(work) == before
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    return {str(path.relative_to(root)): path.read_bytes() if path.is_file() else None for path in root.rglob("*")}
+
+
+def test_no_held_out_rows_fail_at_validation_not_after_training(prefect_harness, tmp_path, tiny_model_dir):
+    from tasks.validate import DataValidationError
+    from tests.conftest import ALPACA_ROWS
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(ALPACA_ROWS * 4))
+    config = tiny_config(tiny_model_dir, data, tmp_path, data_options={"eval_fraction": 0.0})
+    with pytest.raises(DataValidationError, match="no held-out rows"):
+        sft(config)
+    assert not (tmp_path / "cache" / "models").exists()  # nothing after validation ran
+    records = list((tmp_path / "release" / "attempts").glob("*-failed/run_manifest.json"))
+    assert len(records) == 1 and list(json.loads(records[0].read_text())["stages"]) == ["validate-data"]
+
+
+# --- Ctrl-C, SIGTERM and kill -9 of the command line --------------------------------------------
+
+
+class CLIRun:
+    """`python -m flows.sft` in its own process group, as a terminal starts it (SIGINT at its
+    default), with its own PREFECT_HOME and no configured API, so it starts its own server. Every
+    process it starts inherits a marker, so the test can find any it leaves behind."""
+
+    def __init__(self, tmp: Path, model_dir: Path):
+        from tests.conftest import ALPACA_ROWS
+
+        self.tmp, self.marker = tmp, f"sft-test-{tmp.name}"
+        (tmp / "alpaca.json").write_text(json.dumps(ALPACA_ROWS * 4))
+        self.argv = [sys.executable, "-m", "flows.sft", "--data", str(tmp / "alpaca.json"), "--model", str(model_dir),
+                     "--output", str(tmp / "release"), "--cache_dir", str(tmp / "cache"), "--template.max_length", "128",
+                     "--data_options.eval_fraction", "0.25", "--train.max_steps", "300", "--train.checkpoint_every", "10",
+                     "--train.micro_batch_size", "4", "--eval.num_generate", "1", "--eval.max_new_tokens", "2",
+                     "--eval.gate.max_regression", "null"]
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+        self.env.update(PREFECT_HOME=str(tmp / "prefect-home"), SFT_TEST_MARKER=self.marker)
+
+    def start(self) -> subprocess.Popen:
+        self.log = self.tmp / f"cli-{time.monotonic_ns()}.log"
+        with self.log.open("w") as out:
+            return subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=REPO_ROOT,
+                                    start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def wait_for(self, process: subprocess.Popen, text: str, timeout_s: float = 240) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log.read_text():
+            assert process.poll() is None, f"exited with {process.returncode} before {text!r}:\n{self.output()}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout_s} s:\n{self.output()}"
+            time.sleep(0.1)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def leftovers(self) -> list[int]:
+        """Processes still running that this run started (the Prefect server, training workers)."""
+        found = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            with contextlib.suppress(OSError):
+                if f"SFT_TEST_MARKER={self.marker}".encode() in environ.read_bytes().split(b"\0"):
+                    found.append(int(environ.parent.name))
+        return found
+
+    def stop(self, process: subprocess.Popen, signum: int, group: bool) -> tuple[int, float]:
+        """Send `signum` (to the whole group, as a terminal's Ctrl-C does); (exit code, seconds to exit)."""
+        sent = time.monotonic()
+        os.killpg(process.pid, signum) if group else os.kill(process.pid, signum)
+        try:
+            code = process.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        return code, time.monotonic() - sent
+
+    def attempt_records(self, status: str) -> list[dict]:
+        return [json.loads(path.read_text()) for path in (self.tmp / "release" / "attempts").glob(f"*-{status}/run_manifest.json")]
+
+
+def wait_until_gone(run: CLIRun, timeout_s: float = 15) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := run.leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_stops_within_seconds_records_the_attempt_and_the_same_command_resumes(tmp_path, tiny_model_dir):
+    """Before: Ctrl-C killed Prefect's temporary server too, and the run spent minutes retrying to
+    report its crash to it (kill -9 was needed after 120 s)."""
+    run = CLIRun(tmp_path, tiny_model_dir)
+    process = run.start()
+    run.wait_for(process, "step 20/")
+    code, seconds = run.stop(process, signal.SIGINT, group=True)
+    assert code == 130 and seconds < 20, run.output()
+    assert run.output().rstrip().splitlines()[-1].startswith("interrupted: the run stopped (Ctrl-C)")
+    [record] = run.attempt_records("interrupted")
+    assert list(record["stages"]) == STAGES[:3]  # train was interrupted, and said so
+    assert wait_until_gone(run) == []
+
+    again = run.start()
+    assert again.wait(timeout=400) == 0, run.output()
+    manifest = json.loads((tmp_path / "release" / "run_manifest.json").read_text())
+    assert manifest["stages"]["train"]["stats"]["resumed_from_step"] >= 10
+    assert wait_until_gone(run) == []
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_stops_the_run_with_a_message_a_record_and_no_orphaned_server(tmp_path, tiny_model_dir):
+    """Before: SIGTERM (docker stop, systemd) ended the CLI without an error line and left the
+    temporary Prefect server (~200 MB) running."""
+    run = CLIRun(tmp_path, tiny_model_dir)
+    process = run.start()
+    run.wait_for(process, "step 20/")
+    code, seconds = run.stop(process, signal.SIGTERM, group=False)
+    assert code == 128 + signal.SIGTERM and seconds < 20, run.output()
+    assert run.output().rstrip().splitlines()[-1].startswith("terminated: the run stopped (SIGTERM)")
+    assert len(run.attempt_records("terminated")) == 1
+    assert wait_until_gone(run) == []
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_of_the_cli_takes_its_prefect_server_down(tmp_path, tiny_model_dir):
+    run = CLIRun(tmp_path, tiny_model_dir)
+    process = run.start()
+    run.wait_for(process, "Beginning flow run")
+    assert run.leftovers(), "the CLI should have started its own Prefect server"
+    code, _ = run.stop(process, signal.SIGKILL, group=False)
+    assert code == -signal.SIGKILL
+    assert wait_until_gone(run) == []

@@ -81,6 +81,10 @@ def default_options(**changes: Any) -> dict:
     return {**json.loads(json.dumps(DEFAULT_OPTIONS)), **changes}
 
 
+class TrainingDivergedError(ValueError):
+    """The training loss stopped being a number; resuming from a checkpoint would diverge again."""
+
+
 class WorkerError(RuntimeError):
     """A torchrun worker failed; the message is the worker's own exception. `crashed`: no worker
     reported a Python error (a killed or preempted process), so another attempt may succeed."""
@@ -754,6 +758,14 @@ class Meter:
         return {"tokens_per_s": self.tokens / seconds, "loss_tokens_per_s": self.loss_tokens / seconds}
 
 
+def _require_finite_loss(record: dict) -> None:
+    if not math.isfinite(record["loss"]):
+        raise TrainingDivergedError(
+            f"the training loss became {record['loss']} at step {record['step']} (learning rate {record['lr']:.3g}): "
+            "training diverged. Lower --train.learning_rate, keep --train.max_grad_norm on, or use bf16/fp32 instead of fp16."
+        )
+
+
 def _train_loop(session: Session, state: TrainState, ckpts: Checkpoints, meter: Meter, progress: Progress | None, show_bar: bool) -> None:
     total = session.plan.total_steps
     session.model.train()
@@ -763,6 +775,7 @@ def _train_loop(session: Session, state: TrainState, ckpts: Checkpoints, meter: 
             tick = time.perf_counter()
             record = session.step(state.step)
             elapsed = time.perf_counter() - tick
+            _require_finite_loss(record)
             step_tokens, step_loss_tokens = record.pop("step_tokens"), record.pop("step_loss_tokens")
             meter.add(elapsed, step_tokens, step_loss_tokens)
             state.step, state.train_s = record["step"], state.train_s + elapsed
