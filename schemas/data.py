@@ -81,6 +81,11 @@ def not_a_string(value: Any) -> str | None:
     return f"expected a string, got {type(value).__name__} {_preview(value)}"
 
 
+def not_optional_text(value: Any) -> str | None:
+    # Optional columns: None is a missing value; a float NaN (Parquet, pandas) is not text either.
+    return None if value is None else not_a_string(value)
+
+
 def empty_text(value: Any) -> str | None:
     # Non-strings pass here: `not_a_string` reports them, once.
     if isinstance(value, str) and not value.strip():
@@ -135,7 +140,7 @@ def column_finders(record: RecordFormat, column: str) -> dict[str, Finder]:
         return _turns_finders(record.turns)
     if column in record.required:
         return {"not_a_string": not_a_string, "empty": empty_text}
-    return {"not_a_string": not_a_string}  # optional text (alpaca input/system) may be empty
+    return {"not_a_string": not_optional_text}  # optional text (alpaca input/system) may be empty or missing
 
 
 # --- length ------------------------------------------------------------------------------------
@@ -167,8 +172,8 @@ def row_chars(frame: pd.DataFrame, record: RecordFormat) -> pd.Series:
 # --- the schema --------------------------------------------------------------------------------
 
 
-def _element_check(name: str, finder: Finder) -> pa.Check:
-    return pa.Check(lambda value: finder(value) is None, element_wise=True, name=name)
+def _element_check(name: str, finder: Finder, ignore_na: bool) -> pa.Check:
+    return pa.Check(lambda value: finder(value) is None, element_wise=True, name=name, ignore_na=ignore_na)
 
 
 def record_schema(format_name: str, max_chars: int) -> pa.DataFrameSchema:
@@ -180,7 +185,13 @@ def record_schema(format_name: str, max_chars: int) -> pa.DataFrameSchema:
             None,
             required=column in record.required,
             nullable=column not in record.required,
-            checks=[_element_check(name, finder) for name, finder in column_finders(record, column).items()],
+            # pandera skips nulls (None and NaN alike) by default. An optional column's finder must
+            # see a float NaN to refuse it (it lets None through); a required column's null is
+            # pandera's own not_nullable failure, reported once.
+            checks=[
+                _element_check(name, finder, ignore_na=column in record.required)
+                for name, finder in column_finders(record, column).items()
+            ],
         )
         for column in record.columns
     }

@@ -26,6 +26,8 @@ from tasks.artifacts import publisher
 from tasks.caching import content_cache_key
 from tasks.core import formatting, hashing, storage
 from tasks.core.collate import IGNORE_INDEX
+from tasks.retrying import retry_transient
+from tasks.validate import DataValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ SPLITS = ("train", "eval")
 DROP_REASONS = ("too_long", "no_loss_tokens")
 STATS_FILE = "stats.json"
 CHUNK = 4096  # rows per batched tokenizer call
+
+
+class TokenizeError(DataValidationError):
+    """Tokenizing left a split that training or evaluation cannot use (every row dropped)."""
 
 
 def tokenize_entry(
@@ -59,6 +65,7 @@ def tokenize_dataset(
     rebuild = storage.exists(url)  # a half-written or corrupt entry is replaced, a finished one never
     tokenizer = formatting.load_tokenizer(storage.local_copy(model.uri))
     datasets_by_split, stats = build_splits(read_rows(data.uri), tokenizer, options)
+    require_rows(stats, options)
     stats["seconds"] = round(time.perf_counter() - started, 3)
     publish_entry(url, datasets_by_split, stats, replace=rebuild)
     logger.info("tokenize: wrote %s in %.2f s", url, stats["seconds"])
@@ -119,6 +126,7 @@ def split_stats(results: list) -> dict[str, Any]:
         "tokens": sum(lengths),
         "loss_tokens": sum(len(example.labels) - example.labels.count(IGNORE_INDEX) for example in kept),
         "max_length": max(lengths, default=0),
+        "longest_dropped": max((result.length for result in results if isinstance(result, formatting.Dropped)), default=0),
     }
 
 
@@ -136,7 +144,32 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "loss_fraction": round(total["loss_tokens"] / tokens, 4) if tokens else 0.0,
         "max_length": max((part["max_length"] for part in parts), default=0),
         "mean_length": round(tokens / kept, 1) if kept else 0.0,
+        "longest_dropped": max((part["longest_dropped"] for part in parts), default=0),
     }
+
+
+def require_rows(stats: dict[str, Any], options: TemplateOptions) -> None:
+    """Refuse an empty train split, or an empty eval split where there were eval rows: training
+    would stop on an empty store, and evaluation would have no loss to report."""
+    if not stats["train"]["kept"]:
+        raise TokenizeError(_empty_split_message("train", stats["train"], options))
+    if stats["eval"]["rows"] and not stats["eval"]["kept"]:
+        raise TokenizeError(_empty_split_message("eval", stats["eval"], options) + " (or leave the eval rows out)")
+
+
+def _empty_split_message(split: str, figures: dict[str, Any], options: TemplateOptions) -> str:
+    dropped, longest = figures["dropped"], figures["longest_dropped"]
+    fixes = []
+    if longest > options.max_length:
+        fixes.append(f"--template.max_length {longest}")
+        if options.truncation == "drop":
+            fixes.append("--template.truncation truncate_response")
+    fix = " or ".join(fixes) or "check that the chat template renders the assistant turns"
+    return (
+        f"no {split} rows left after tokenizing: all {figures['rows']} were dropped, {dropped['too_long']} longer than "
+        f"template.max_length={options.max_length} tokens and {dropped['no_loss_tokens']} with no response token left to learn from "
+        f"(the longest has {longest} tokens). To keep them: {fix}"
+    )
 
 
 def publish_entry(url: str, splits: dict, stats: dict[str, Any], replace: bool) -> None:
@@ -177,24 +210,13 @@ def read_entry(url: str) -> dict[str, Any] | None:
 CODE_VERSION = hashing.code_version(sys.modules[__name__], formatting)
 
 
-def _worth_retrying(task, task_run, state) -> bool:
-    """Retry I/O hiccups, not template or data errors (they would fail the same way again)."""
-    try:
-        state.result()
-    except (formatting.TemplateError, KeyError, TypeError, ValueError):
-        return False
-    except Exception:  # noqa: BLE001
-        return True
-    return True
-
-
 @task(
     name=STAGE,
     cache_key_fn=content_cache_key(tokenize_entry),
     persist_result=True,
     retries=2,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=[2, 10],
-    retry_condition_fn=_worth_retrying,
 )
 def tokenize_task(
     data: DataArtifact, model: ModelArtifact, options: TemplateOptions, cache_dir: str

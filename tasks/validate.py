@@ -9,6 +9,7 @@ rows' text and split (not their `source` labels), which is what later stages cac
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import gzip
 import hashlib
@@ -16,16 +17,19 @@ import io
 import json
 import logging
 import lzma
+import os
 import re
+import stat
 import statistics
 import sys
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 import pandas as pd
 import pandera.pandas as pa
+from fsspec.implementations.local import LocalFileSystem
 from prefect import task
 
 import schemas.data as data_schema
@@ -35,14 +39,18 @@ from tasks.artifacts import publisher
 from tasks.caching import content_cache_key, ensure_record_matches
 from tasks.core import storage
 from tasks.core.embedded import embedded_eval_urls, resolve_data_urls
-from tasks.core.hashing import code_version, hash_bytes, hash_parts, hash_url
+from tasks.core.hashing import code_version, hash_bytes, hash_parts
+from tasks.retrying import retry_transient
 
 STAGE = "validate-data"
 CODE_VERSION = code_version(sys.modules[__name__], data_schema)
 MESSAGE_ROWS = 20  # failing rows quoted in the error; the report file has all of them
-STAT_FIELDS = ("rows_read", "rows_kept", "train_rows", "eval_rows", "rows_dropped", "dropped_by_reason", "duplicates", "chars")
+STAT_FIELDS = (
+    "rows_read", "rows_kept", "train_rows", "eval_rows", "eval_rows_in_train", "rows_dropped", "dropped_by_reason", "duplicates", "chars",
+)
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
 FILE_KINDS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # pandera's check names, shortened to the reasons the report counts by
 REASONS = {data_schema.NULL: "null"}
@@ -89,12 +97,13 @@ def _expand(url: str, split: str, options: DataOptions) -> list[Source]:
         matches = sorted(match for match in fs.glob(path) if not fs.isdir(match))
         if not matches:
             raise DataValidationError(f"{url}: the glob matched no files")
-        return [Source(_with_protocol(url, fs, match), split) for match in matches]
+        return [_file_source(url, fs, match, split) for match in matches]
+    _refuse_special_file(fs, path, url)
     if fs.isdir(path):
         files = sorted(item for item in fs.ls(path, detail=False) if _file_kind_of(item))
         if not files:
             raise DataValidationError(f"{url}: the folder holds no JSON, JSONL, CSV or Parquet files")
-        return [Source(_with_protocol(url, fs, item), split) for item in files]
+        return [_file_source(url, fs, item, split) for item in files]
     if fs.exists(path):
         return [Source(url, split)]
     if HUB_ID.match(url) and not _file_kind_of(url):
@@ -104,6 +113,28 @@ def _expand(url: str, split: str, options: DataOptions) -> list[Source]:
 
 def _with_protocol(url: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path) if "://" in url else path
+
+
+def _file_source(url: str, fs: fsspec.AbstractFileSystem, path: str, split: str) -> Source:
+    name = _with_protocol(url, fs, path)
+    _refuse_special_file(fs, path, name)
+    return Source(name, split)
+
+
+def _refuse_special_file(fs: fsspec.AbstractFileSystem, path: str, name: str) -> None:
+    """Refuse a local path that is neither a regular file nor a folder, before anything opens it:
+    opening a FIFO blocks until a writer comes, and a device such as /dev/zero never ends."""
+    if not isinstance(fs, LocalFileSystem):
+        return  # objects elsewhere are read no further than their reported size (_read_chunks)
+    try:
+        mode = os.stat(path).st_mode  # follows links: zero.jsonl -> /dev/zero is a device
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataValidationError(f"{name}: symlink loop ({exc.strerror}); point the link at a real file") from exc
+        return  # a missing path is reported by the caller, which also tries globs and hub ids
+    kind = next((kind for test, kind in SPECIAL_FILES if test(mode)), None)
+    if kind is not None:
+        raise DataValidationError(f"{name}: not a regular file ({kind}); give a JSON, JSONL, CSV or Parquet file, or a folder of them")
 
 
 def _source_hash(source: Source, raw: bytes | None) -> str:
@@ -122,11 +153,15 @@ def validate_entry(data: list[str], eval_data: list[str], options: DataOptions, 
     """(key, url) of the cache entry: the key hashes every input's bytes in order (a hub dataset:
     its id and split), the options and this stage's code. Streams the files (Prefect's cache key)."""
     sources = resolve_sources(data, eval_data, options)
-    hashes = [
-        hash_parts("hub", source.url, source.hub_split) if source.hub_split else hash_url(source.url, options.storage_options)
-        for source in sources
-    ]
+    hashes = [hash_parts("hub", source.url, source.hub_split) if source.hub_split else _hash_stream(source, options) for source in sources]
     return _entry(sources, hashes, options, cache_dir)
+
+
+def _hash_stream(source: Source, options: DataOptions) -> str:
+    digest = hashlib.sha256()
+    for block in _read_chunks(source, options):
+        digest.update(block)
+    return digest.hexdigest()  # equals hash_bytes(read_source(...)): the stage re-keys by what it parsed
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -159,7 +194,9 @@ def load_source(source: Source, raw: bytes | None) -> LoadedFile:
     raw = _decompress(source.url, raw)
     if not raw.strip():
         raise FileProblem("the file is empty")
-    kind = _file_kind_of(source.url) or _sniff_kind(raw)
+    kind = _file_kind_of(source.url)
+    _refuse_misnamed(source.url, kind, raw)
+    kind = kind or _sniff_kind(raw)
     if kind == "parquet":
         loaded = LoadedFile(source, _parquet_rows(raw))
     else:
@@ -173,8 +210,26 @@ def read_source(source: Source, options: DataOptions) -> bytes | None:
     """The file's bytes as stored (compressed or not); None for a hub dataset."""
     if source.hub_split:
         return None
+    return b"".join(_read_chunks(source, options))
+
+
+def _read_chunks(source: Source, options: DataOptions, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The stored bytes, never more than the store reports: a stream that does not end (a device
+    behind some filesystem, a misbehaving store) fails instead of filling the memory."""
+    fs, path = storage.filesystem(source.url, options.storage_options)
+    size = fs.size(path)
+    if size is None:
+        raise DataValidationError(f"{source.name}: its store reports no size, so it cannot be read safely; copy it to a local file first")
+    left = size + 1  # one byte past the reported size tells a longer stream
     with fsspec.open(source.url, "rb", **options.storage_options) as handle:
-        return handle.read()
+        while left and (block := handle.read(min(chunk, left))):
+            left -= len(block)
+            yield block
+    if not left:
+        raise DataValidationError(
+            f"{source.name}: holds more than the {size} bytes its store reports (still being written, or not a plain file); "
+            "run again once it is complete"
+        )
 
 
 def _decompress(url: str, raw: bytes) -> bytes:
@@ -190,6 +245,18 @@ def _decompress(url: str, raw: bytes) -> bytes:
         if compression == "bz2" and "data stream" in str(exc):
             raise FileProblem(f"not valid bz2 data ({exc})") from exc
         raise
+
+
+def _refuse_misnamed(url: str, kind: str | None, raw: bytes) -> None:
+    """Binary content under a text file's name would only be reported as 'not UTF-8'. Refused rather
+    than read as what it is: a name that lies usually means the wrong file, and other tools trust it."""
+    name = url.rsplit("/", 1)[-1]
+    compressed = name.lower().endswith(tuple(COMPRESSIONS))
+    if raw.startswith(b"PAR1") and kind not in ("parquet", None):
+        stem = name.rsplit(".", 2 if compressed else 1)[0]
+        raise FileProblem(f"a Parquet file: name it {stem}.parquet (the name says {kind.upper()})")
+    if raw.startswith(b"\x1f\x8b") and not compressed:
+        raise FileProblem(f"gzip-compressed: name it {name}.gz, or decompress it")
 
 
 def _sniff_kind(raw: bytes) -> str:
@@ -217,22 +284,64 @@ def _parse_text(source: Source, kind: str, text: str) -> LoadedFile:
     return LoadedFile(source, rows, lines)
 
 
+class _Refused(Exception):
+    """JSON that Python's parser would accept (or overflow on) but that is not usable data."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not valid JSON (JSON has no NaN or Infinity): write a string, or null for a missing value")
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) < len(pairs):  # json.loads would silently keep the last value
+        keys = [key for key, _ in pairs]
+        twice = next(key for index, key in enumerate(keys) if key in keys[:index])
+        raise _Refused(f"key {twice!r} appears twice in one object: keep one")
+    return record
+
+
+STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_refuse_duplicate_keys)
+
+
+def _strict_loads(text: str) -> Any:
+    try:
+        return STRICT_JSON.decode(text)
+    except RecursionError as exc:  # the C parser recurses once per level of [ or {
+        raise _Refused("nested too deeply for the JSON parser (hundreds of levels of [ or {): rows must be flat objects of text") from exc
+
+
 def _json_array_rows(text: str) -> list[Any]:
     try:
-        return json.loads(text)
+        return _strict_loads(text)
     except json.JSONDecodeError as exc:
         raise FileProblem(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from exc
+    except _Refused as exc:
+        raise FileProblem(_json_array_refusal(text, exc)) from exc
+
+
+def _json_array_refusal(text: str, refused: _Refused) -> str:
+    """The refusal prefixed with the row and line of the element that causes it."""
+    lines: list[int] = []
+    try:
+        lines.extend(_json_array_starts(text, STRICT_JSON))
+    except (_Refused, RecursionError):
+        pass  # the element whose start was appended last is the one refused
+    return f"row {len(lines) - 1} (0-based), line {lines[-1]}: {refused}" if lines else str(refused)
 
 
 def _json_array_lines(text: str) -> list[int]:
     """The line on which each element of a (valid) JSON array starts."""
-    decoder, separators = json.JSONDecoder(), re.compile(r"[\s,]*")
-    position, line, counted, lines = text.index("[") + 1, 1, 0, []
+    return list(_json_array_starts(text, json.JSONDecoder()))
+
+
+def _json_array_starts(text: str, decoder: json.JSONDecoder) -> Iterator[int]:
+    separators = re.compile(r"[\s,]*")
+    position, line, counted = text.index("[") + 1, 1, 0
     while (position := separators.match(text, position).end()) < len(text) and text[position] != "]":
         line, counted = line + text.count("\n", counted, position), position
-        lines.append(line)
+        yield line
         _, position = decoder.raw_decode(text, position)
-    return lines
 
 
 def _jsonl_rows(text: str) -> tuple[list[Any], list[int]]:
@@ -242,9 +351,11 @@ def _jsonl_rows(text: str) -> tuple[list[Any], list[int]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(_strict_loads(line))
         except json.JSONDecodeError as exc:
             raise FileProblem(_jsonl_error(text, number, exc)) from exc
+        except _Refused as exc:
+            raise FileProblem(f"row {len(rows)} (0-based), line {number}: {exc}") from exc
         lines.append(number)
     return rows, lines
 
@@ -252,7 +363,7 @@ def _jsonl_rows(text: str) -> tuple[list[Any], list[int]]:
 def _jsonl_error(text: str, number: int, exc: json.JSONDecodeError) -> str:
     try:
         json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return f"not valid JSON Lines: line {number}: {exc.msg} (column {exc.colno})"
     return "one JSON value spread over several lines: expected a JSON array of rows or JSON Lines (one object a line)"
 
@@ -323,7 +434,7 @@ def check_file(loaded: LoadedFile, options: DataOptions) -> CheckedFile:
     objects = {row: value for row, value in enumerate(loaded.rows) if isinstance(value, dict)}
     if not objects:
         raise FileProblem(f"rows must be objects with named fields, row 0 is a {type(loaded.rows[0]).__name__}")
-    frame = _rename(pd.DataFrame(list(objects.values()), index=list(objects), dtype=object), options.column_mapping)
+    frame = _rename(_frame(objects), options.column_mapping)
     format_name = options.format if options.format != "auto" else _detect(frame)
     not_objects = [
         _failure(loaded, row, "(row)", "not_an_object", f"expected an object with named fields, got {type(value).__name__}")
@@ -334,6 +445,14 @@ def check_file(loaded: LoadedFile, options: DataOptions) -> CheckedFile:
     # Row order; within a row, the column checks before the whole-row length check.
     failures.sort(key=lambda failure: (failure.row, failure.check == data_schema.TOO_LONG))
     return CheckedFile(loaded, format_name, frame, failures)
+
+
+def _frame(objects: dict[int, dict[str, Any]]) -> pd.DataFrame:
+    """One column per key (first-seen order), None where a row lacks the key: pandas would fill in
+    NaN, which could not be told from a float NaN that a Parquet file really holds."""
+    columns = dict.fromkeys(key for record in objects.values() for key in record)
+    values = {column: [record.get(column) for record in objects.values()] for column in columns}
+    return pd.DataFrame(values, index=list(objects), columns=list(columns), dtype=object)
 
 
 def _rename(frame: pd.DataFrame, mapping: dict[str, str]) -> pd.DataFrame:
@@ -457,6 +576,16 @@ def find_duplicates(rows: list[Row]) -> list[tuple[Row, Row]]:
     return [(row, first[row.canonical]) for row in rows if first.setdefault(row.canonical, row) is not row]
 
 
+def eval_in_train(rows: list[Row]) -> list[tuple[Row, Row]]:
+    """(eval row, training row) for every eval row whose messages are also a training row's: the
+    eval loss on it measures memorisation. A hash split never does this; eval files can."""
+    trained: dict[str, Row] = {}
+    for row in rows:
+        if row.split == "train":
+            trained.setdefault(row.canonical, row)
+    return [(row, trained[row.canonical]) for row in rows if row.split == "eval" and row.canonical in trained]
+
+
 def hash_split(fractions: list[float], eval_fraction: float) -> list[bool]:
     """Which rows are held out: those whose content hash falls under eval_fraction, with at least
     one eval row (the smallest hash) and one train row whenever there are two rows or more."""
@@ -491,7 +620,9 @@ def validate_data(data: list[str], eval_data: list[str], options: DataOptions, c
         dropped = {id(duplicate) for duplicate, _ in duplicates}
         rows = [row for row in rows if id(row) not in dropped]
     _assign_splits(rows, options, has_eval_files=any(source.split == "eval" for source in sources))
-    report = _report(key, checked, rows, duplicates, options)
+    overlap = eval_in_train(rows)
+    _warn_overlap(overlap, rows)
+    report = _report(key, checked, rows, duplicates, overlap, options)
     if not report["train_rows"]:
         raise DataValidationError(
             f"no training rows left: {report['rows_read']} read, dropped {report['dropped_by_reason']} (inputs: {', '.join(data)})"
@@ -540,6 +671,17 @@ def _error_message(problems: list[str], failures: list[RowFailure], report_url: 
     return "\n".join(lines)
 
 
+def _warn_overlap(overlap: list[tuple[Row, Row]], rows: list[Row]) -> None:
+    if not overlap:
+        return
+    files = sorted({row.source.rsplit(":", 1)[0] for row, _ in overlap})
+    logger.warning(
+        "%d of %d eval row(s) are also training rows (same messages), from %s: the eval loss on them measures memorisation. "
+        "Remove them from the eval data, or set data_options.dedupe to drop them (report.json lists them under eval_rows_in_train_rows)",
+        len(overlap), sum(row.split == "eval" for row in rows), ", ".join(files),
+    )
+
+
 def _assign_splits(rows: list[Row], options: DataOptions, has_eval_files: bool) -> None:
     if has_eval_files:
         return  # rows already carry their source's split
@@ -583,7 +725,9 @@ def _chars(rows: list[Row]) -> dict[str, float]:
     }
 
 
-def _report(key: str, checked: list[CheckedFile], rows: list[Row], duplicates: list[tuple[Row, Row]], options: DataOptions) -> dict[str, Any]:
+def _report(
+    key: str, checked: list[CheckedFile], rows: list[Row], duplicates: list[tuple[Row, Row]], overlap: list[tuple[Row, Row]], options: DataOptions
+) -> dict[str, Any]:
     dropped = _dropped_by_reason(checked)
     if options.dedupe and duplicates:
         dropped["duplicate"] = len(duplicates)
@@ -596,6 +740,8 @@ def _report(key: str, checked: list[CheckedFile], rows: list[Row], duplicates: l
         "rows_kept": len(rows),
         "train_rows": sum(row.split == "train" for row in rows),
         "eval_rows": sum(row.split == "eval" for row in rows),
+        "eval_rows_in_train": len(overlap),
+        "eval_rows_in_train_rows": [{"row": row.source, "same_as": trained.source} for row, trained in overlap],
         "rows_dropped": sum(dropped.values()),
         "dropped_by_reason": dropped,
         "duplicates": len(duplicates),
@@ -650,18 +796,13 @@ def publish_validation_table(artifact: DataArtifact) -> None:
     create_table_artifact(table=report_table(artifact.stats), key="validation-report", description=f"Validation report: {artifact.report_uri}")
 
 
-def _retry_unless_bad_data(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry flaky reads (network, object stores), never bad data: it stays bad."""
-    return not isinstance(state.result(raise_on_failure=False), DataValidationError)
-
-
 @task(
     name=STAGE,
     cache_key_fn=content_cache_key(validate_entry),
     persist_result=True,
     retries=2,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=[2, 10],
-    retry_condition_fn=_retry_unless_bad_data,
 )
 def validate_task(data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str) -> DataArtifact:
     artifact = validate_data(data, eval_data, options, cache_dir)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import datasets
 import pytest
+from prefect.states import Failed
 
 from schemas.config import TemplateOptions
 from schemas.manifests import DataArtifact, ModelArtifact
@@ -21,6 +22,7 @@ from tasks.core.collate import IGNORE_INDEX
 from tasks.core.formatting import TemplateError
 from tasks.core.hashing import hash_url
 from tasks.model import tokenizer_fingerprint
+from tasks.validate import DataValidationError
 from tests.conftest import ALPACA_ROWS
 from tests.tiny import build_tokenizer
 
@@ -211,3 +213,46 @@ def test_chunked_encoding_gives_the_same_dataset(setup, monkeypatch):
     assert chunked_stats == whole_stats
     for split in stage.SPLITS:
         assert chunked[split].to_dict() == whole[split].to_dict()
+
+
+# --- splits that end up empty ------------------------------------------------------------------
+
+
+def test_every_row_too_long_names_max_length_and_publishes_nothing(setup):
+    """The dry run calls this same stage, so it fails too instead of reporting 'kept 0'."""
+    tokenizer = stage.formatting.load_tokenizer(setup.model.uri)
+    conversations = [row["messages"] for row in canonical_rows()]
+    full = stage.formatting.encode_batch(conversations, tokenizer, TemplateOptions(max_length=1_048_576))
+    longest = max(len(result.input_ids) if hasattr(result, "input_ids") else result.length for result in full)
+    with pytest.raises(stage.TokenizeError) as caught:
+        stage.tokenize_task.fn(setup.data, setup.model, TemplateOptions(max_length=8), setup.cache)
+    message = str(caught.value)
+    assert message.startswith("no train rows left after tokenizing: all 8 were dropped, 7 longer than template.max_length=8 tokens")
+    assert f"the longest has {longest} tokens" in message
+    assert message.endswith(f"--template.max_length {longest} or --template.truncation truncate_response")
+    assert isinstance(caught.value, DataValidationError) and not list(Path(setup.cache).glob("tokenized/*"))
+    assert not stage._worth_retrying(None, None, Failed(data=caught.value))
+    with pytest.raises(stage.TokenizeError) as caught:  # truncation cannot keep a prompt that alone is too long
+        stage.tokenize_dataset(setup.data, setup.model, TemplateOptions(max_length=8, truncation="truncate_response"), setup.cache)
+    assert str(caught.value).endswith(f"To keep them: --template.max_length {longest}")
+
+
+SHORT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+LONG = [{"role": "user", "content": "Say hello. " * 40}, {"role": "assistant", "content": "Hello!"}]
+
+
+@pytest.mark.parametrize("empty, rows", [("train", 2), ("eval", 1)])
+def test_one_split_left_empty_is_named(setup, empty, rows):
+    splits = ["train", "train", "eval"]
+    data = write_data(setup.tmp / "split.jsonl", [
+        {"messages": LONG if split == empty else SHORT, "split": split, "source": f"split.jsonl:{i}"} for i, split in enumerate(splits)
+    ])
+    with pytest.raises(stage.TokenizeError, match=f"^no {empty} rows left after tokenizing: all {rows} were dropped, {rows} longer "
+                                                  "than template.max_length=96 tokens"):
+        stage.tokenize_dataset(data, setup.model, setup.options, setup.cache)
+
+
+def test_no_eval_rows_at_all_is_fine(setup):
+    data = write_data(setup.tmp / "train-only.jsonl", [{"messages": SHORT, "split": "train", "source": "t.jsonl:0"}])
+    result = stage.tokenize_dataset(data, setup.model, setup.options, setup.cache)
+    assert (result.stats["train"]["kept"], result.stats["eval"]["rows"]) == (1, 0)

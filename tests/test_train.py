@@ -449,3 +449,11 @@ def test_other_errors_are_not_retried_with_a_smaller_batch(base, tokenized, tmp_
     monkeypatch.setattr(stage, "train_model", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad data")))
     with pytest.raises(ValueError, match="bad data"):
         stage.train_until_it_fits(tokenized, base, options(micro_batch_size=8), str(tmp_path))
+
+
+def test_a_diverging_loss_stops_training_with_a_message_that_names_it(base, tokenized, tmp_path):
+    """Before: training ran to the end on NaN and the gate then blamed "no eval rows"."""
+    opts = options(method="full", learning_rate=1e30, max_grad_norm=0.0, max_steps=6)
+    with pytest.raises(trainer.TrainingDivergedError, match=r"training loss became (nan|inf) at step \d.*learning_rate"):
+        train_model(tokenized, base, opts, str(tmp_path / "cache"))
+    assert not storage.is_complete(train_entry(tokenized, base, opts, str(tmp_path / "cache"))[1])

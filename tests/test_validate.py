@@ -6,12 +6,15 @@ import csv
 import gzip
 import io
 import json
+import logging
+import os
 import uuid
 
 import fsspec
 import pyarrow
 import pyarrow.parquet
 import pytest
+from fsspec.spec import AbstractFileSystem
 
 from schemas.config import DataOptions
 from tasks.core import embedded, storage
@@ -426,3 +429,136 @@ def test_parquet_chat_and_a_folder_of_files(mem, cache):
     put(f"{mem}/folder/notes.txt", "not data")
     _, out = run([f"{mem}/folder"], cache)
     assert [row["messages"] for row in out] == [CHAT_ROW["messages"]]
+
+
+# --- special files and hostile content ---------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_fifo_is_refused_before_it_is_opened(tmp_path, cache):
+    """Opening a FIFO blocks until a writer comes: it must be refused unopened, also by the key."""
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    assert fails([str(fifo)], cache).startswith(f"{fifo}: not a regular file (a FIFO)")
+    with pytest.raises(DataValidationError, match="not a regular file"):
+        validate_entry([str(fifo)], [], DataOptions(), cache)  # Prefect's cache key reads files too
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("pattern", ["{folder}", "{folder}/*.jsonl"], ids=["folder", "glob"])
+def test_fifo_inside_a_folder_or_glob_is_refused(tmp_path, cache, pattern):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(encode(ALPACA_ROWS, "jsonl"))
+    os.mkfifo(folder / "b.jsonl")
+    assert f"{folder}/b.jsonl: not a regular file (a FIFO)" in fails([pattern.format(folder=folder)], cache)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_character_device_is_refused_directly_or_through_a_link(tmp_path, cache):
+    """/dev/zero never ends: reading it would fill the memory (and ignore SIGTERM meanwhile)."""
+    link = tmp_path / "zero.jsonl"
+    link.symlink_to("/dev/zero")
+    for url in (str(link), "/dev/zero"):
+        assert fails([url], cache).startswith(f"{url}: not a regular file (a character device)")
+
+
+def test_symlink_loop_is_named_as_such(tmp_path, cache):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.symlink_to(second)
+    second.symlink_to(first)
+    message = fails([str(first)], cache)
+    assert message.startswith(f"{first}: symlink loop") and "no such file" not in message
+    assert "symlink loop" in fails([f"{tmp_path}/*.jsonl"], cache)
+
+
+class EndlessFileSystem(AbstractFileSystem):
+    """An object store whose objects report `size` bytes (or none) but stream zeros for ever."""
+
+    protocol = "endless"
+    size_reported: int | None = 64
+
+    def info(self, path, **kwargs):
+        return {"name": path, "size": self.size_reported, "type": "file"}
+
+    def _open(self, path, mode="rb", **kwargs):
+        class Zeros(io.RawIOBase):
+            def readable(self):
+                return True
+
+            def readinto(self, buffer):  # a trickle: without the bound, memory grows slowly
+                buffer[:16] = bytes(min(16, len(buffer)))
+                return min(16, len(buffer))
+
+        return io.BufferedReader(Zeros())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("size, problem", [(64, "more than the 64 bytes"), (None, "reports no size")])
+def test_remote_object_is_read_no_further_than_its_reported_size(cache, monkeypatch, size, problem):
+    fsspec.register_implementation("endless", EndlessFileSystem, clobber=True)
+    monkeypatch.setattr(EndlessFileSystem, "size_reported", size)
+    url = "endless://bucket/rows.jsonl"
+    message = fails([url], cache)
+    assert message.startswith(f"{url}: ") and problem in message
+    with pytest.raises(DataValidationError, match=problem):
+        validate_entry([url], [], DataOptions(), cache)
+
+
+DEEP = "[" * 10_000 + "]" * 10_000
+ROW = '{"instruction": "Q?", "output": "A."}'
+JSON_CASES = [
+    ("deep.jsonl", f'{ROW}\n{{"instruction": {DEEP}, "output": "A."}}\n', "row 1 (0-based), line 2", "nested too deeply"),
+    ("deep.json", f'[{ROW},\n {{"instruction": {DEEP}, "output": "A."}}]', "row 1 (0-based), line 2", "nested too deeply"),
+    ("nan.jsonl", f'{ROW}\n{{"instruction": "Q?", "input": NaN, "output": "A."}}\n', "row 1 (0-based), line 2", "NaN is not valid JSON"),
+    ("nan.json", f'[\n  {ROW},\n  {{"instruction": "Q?", "input": NaN, "output": "A."}}\n]', "row 1 (0-based), line 3", "NaN is not valid JSON"),
+    ("inf.jsonl", '{"instruction": "Q?", "input": Infinity, "output": "A."}\n', "row 0 (0-based), line 1", "Infinity is not valid JSON"),
+    ("minus-inf.json", '[{"instruction": "Q?", "input": -Infinity, "output": "A."}]', "row 0 (0-based), line 1", "-Infinity is not"),
+    ("twice.jsonl", f'{ROW}\n{{"instruction": "a", "instruction": "b", "output": "A."}}\n', "row 1 (0-based), line 2", "key 'instruction' appears twice"),
+    ("twice.json", '[{"messages": [{"role": "user", "content": "Q", "content": "R"}]}]', "row 0 (0-based), line 1", "key 'content' appears twice"),
+]
+
+
+@pytest.mark.parametrize("name, content, where, problem", JSON_CASES, ids=[case[0] for case in JSON_CASES])
+def test_json_that_python_would_accept_or_choke_on_is_refused_by_row_and_line(mem, cache, name, content, where, problem):
+    url = put(f"{mem}/{name}", content)
+    message = fails([url], cache)
+    assert message.startswith(f"{url}: {where}: ") and problem in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "name, content, problem",
+    [
+        ("rows.json", encode(ALPACA_ROWS, "parquet"), "a Parquet file: name it rows.parquet"),
+        ("rows.jsonl", encode(ALPACA_ROWS, "jsonl.gz"), "gzip-compressed: name it rows.jsonl.gz"),
+    ],
+    ids=["parquet", "gzip"],
+)
+def test_binary_content_under_a_text_name_says_what_it_is(mem, cache, name, content, problem):
+    url = put(f"{mem}/{name}", content)
+    message = fails([url], cache)
+    assert message.startswith(f"{url}: ") and problem in message and "UTF-8" not in message
+
+
+def test_float_nan_in_an_optional_text_column_is_not_a_missing_value(mem, cache):
+    """Parquet can hold a float NaN where text belongs; only a missing value (null) may pass."""
+    url = put(f"{mem}/nan.parquet", [{"instruction": "Q?", "input": float("nan"), "output": "A."}], "parquet")
+    assert f"{url} row 0 (0-based), column 'input': expected a string, got float nan" in fails([url], cache)
+    # A key absent from some JSON rows is still a missing value, and so is a Parquet null.
+    rows = [{"instruction": "Q?", "input": "x", "output": "A."}, {"instruction": "R?", "output": "B."}]
+    _, out = run([put(f"{mem}/some.jsonl", rows, "jsonl"), put(f"{mem}/null.parquet", [{**GOOD, "input": None}], "parquet")], cache)
+    assert [row["messages"][0]["content"] for row in out] == ["Q?\n\nx", "R?", "Q?"]
+
+
+def test_eval_rows_that_are_training_rows_are_counted_and_named(mem, cache, caplog):
+    train = put(f"{mem}/train.jsonl", ALPACA_ROWS, "jsonl")
+    held = put(f"{mem}/eval.jsonl", ALPACA_ROWS[:2] + [GOOD], "jsonl")
+    with caplog.at_level(logging.WARNING, logger="tasks.validate"):
+        artifact, _ = run([train], cache, eval_urls=[held])
+    assert artifact.stats["eval_rows_in_train"] == 2
+    assert "2 of 3 eval row(s)" in caplog.text and held in caplog.text
+    same, _ = run([train], cache, eval_urls=[train])  # --eval_data equal to --data
+    assert same.stats["eval_rows_in_train"] == same.stats["eval_rows"] == len(ALPACA_ROWS)
+    split, _ = run([train], cache, eval_fraction=0.3)  # a hash split never shares a row
+    assert split.stats["eval_rows_in_train"] == 0
