@@ -73,3 +73,22 @@ def test_unknown_yaml_field_is_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         config_from_args(["--config", str(config_file)])
     assert "trian" in capsys.readouterr().err
+
+
+def test_a_flag_abbreviation_is_refused_not_taken_for_the_option_it_prefixes(capsys):
+    """Before: argparse's prefix matching read `--train.learning_rat 0.1` as the learning rate."""
+    with pytest.raises(SystemExit) as exit_info:
+        config_from_args(["--train.learning_rat", "0.1"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --train.learning_rat" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--train.learning_rate", "inf"), ("--train.epochs", "inf"), ("--train.epochs", ".nan"),
+    ("--train.lora.alpha", "inf"), ("--eval.gate.max_value", "-inf"),
+])
+def test_nan_and_infinite_numbers_are_refused(capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        config_from_args([f"{flag}={value}"])
+    assert exit_info.value.code == 2
+    assert "finite number" in capsys.readouterr().err

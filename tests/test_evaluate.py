@@ -237,7 +237,8 @@ def test_disabled_evaluation_passes_without_computing(world, tmp_path):
         (GateOptions(metric="exact_match", max_regression=None), 0.0, 0.0, True, ["threshold none"]),
         (GateOptions(metric="contains_reference", max_regression=0.0), 0.0, 0.75, True, ["higher is better", "passed"]),
         (GateOptions(metric="eval_loss", max_regression=0.0), 2.0, None, False, ["unavailable"]),
-        (GateOptions(metric="eval_loss", max_regression=0.0), 2.0, float("nan"), False, ["unavailable"]),
+        # Before: a NaN loss was blamed on "no eval rows".
+        (GateOptions(metric="eval_loss", max_regression=0.0), 2.0, float("nan"), False, ["is nan, not a number", "diverged"]),
     ],
 )
 def test_gate_rules(gate, base, tuned, passed, words):

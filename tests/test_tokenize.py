@@ -231,7 +231,7 @@ def test_every_row_too_long_names_max_length_and_publishes_nothing(setup):
     assert f"the longest has {longest} tokens" in message
     assert message.endswith(f"--template.max_length {longest} or --template.truncation truncate_response")
     assert isinstance(caught.value, DataValidationError) and not list(Path(setup.cache).glob("tokenized/*"))
-    assert not stage._worth_retrying(None, None, Failed(data=caught.value))
+    assert not stage.tokenize_task.retry_condition_fn(None, None, Failed(data=caught.value))
     with pytest.raises(stage.TokenizeError) as caught:  # truncation cannot keep a prompt that alone is too long
         stage.tokenize_dataset(setup.data, setup.model, TemplateOptions(max_length=8, truncation="truncate_response"), setup.cache)
     assert str(caught.value).endswith(f"To keep them: --template.max_length {longest}")

@@ -20,7 +20,6 @@ from schemas.config import DataOptions
 from tasks.core import embedded, storage
 from tasks.validate import (
     DataValidationError,
-    _retry_unless_bad_data,
     hash_split,
     report_table,
     validate_data,
@@ -420,8 +419,11 @@ def test_task_wrapper_runs_outside_a_flow(mem, cache):
 def test_bad_data_is_not_retried():
     from prefect.states import Failed
 
-    assert not _retry_unless_bad_data(None, None, Failed(data=DataValidationError("bad")))
-    assert _retry_unless_bad_data(None, None, Failed(data=ConnectionError("flaky")))
+    from tasks.retrying import retry_transient
+
+    assert validate_task.retry_condition_fn is retry_transient
+    assert not retry_transient(None, None, Failed(data=DataValidationError("bad")))
+    assert retry_transient(None, None, Failed(data=ConnectionError("flaky")))
 
 
 def test_parquet_chat_and_a_folder_of_files(mem, cache):
