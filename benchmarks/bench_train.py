@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from tasks.core import trainer  # noqa: E402
 from tasks.core.collate import IGNORE_INDEX  # noqa: E402
+from tasks.core.train_settings import LoraSettings, TrainSettings  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128),
@@ -53,14 +54,6 @@ H100_BF16_FLOPS = 989e12
 LAUNCH_STEPS = 200
 DATA_CANDIDATES = [base / "shared" / "data" / "alpaca_en_demo.json" for base in (ROOT, ROOT.parent)]
 DEFAULT_DATA = next((path for path in DATA_CANDIDATES if path.exists()), DATA_CANDIDATES[0])
-
-def default_options() -> dict:
-    """TrainOptions' defaults; the trainer's copy on GPU boxes without pydantic (a test keeps them equal)."""
-    try:
-        from schemas.config import TrainOptions
-    except ImportError:
-        return trainer.default_options()
-    return TrainOptions().model_dump(mode="json")
 
 
 # ------------------------------------------------------------------------------------- workload
@@ -182,11 +175,13 @@ def summarise(name: str, marks: list[tuple[float, int, int]], started: float, lo
 
 
 def run_ours(model_dir: Path, examples: list[dict], args, device: str, memory: Memory) -> dict:
-    options = default_options()
-    options.update(method=args.method, max_steps=args.steps, micro_batch_size=ours_examples_per_step(args, examples), checkpoint_every=args.steps + 1)
-    if args.compile:
-        options["compile"] = args.compile
-    peak_lr = options["learning_rate"] or (1e-3 if args.method == "lora" else 2e-5)
+    settings = TrainSettings(  # the run's defaults (no pydantic needed), but for these
+        method=args.method,
+        max_steps=args.steps,
+        micro_batch_size=ours_examples_per_step(args, examples),
+        checkpoint_every=args.steps + 1,
+        **({"compile": args.compile} if args.compile else {}),
+    )
     rows = trainer.TokenRows.from_examples(examples)
     marks, losses = [], []
 
@@ -195,7 +190,7 @@ def run_ours(model_dir: Path, examples: list[dict], args, device: str, memory: M
         losses.append(event["loss"])
 
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as out:
-        spec = trainer.TrainSpec(str(model_dir), "", f"{out}/result", f"{out}/checkpoints", options, peak_lr)
+        spec = trainer.TrainSpec(str(model_dir), "", f"{out}/result", f"{out}/checkpoints", settings)
         memory.reset()
         started = time.perf_counter()
         stats = trainer.run_worker(spec, progress=progress, rows=rows)
@@ -223,7 +218,7 @@ def run_trl(name: str, model_dir: Path, examples: list[dict], args, device: str,
     dataset = datasets.Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]})
     flags = dict(packing=True, gradient_checkpointing=False, torch_compile=cuda and args.compile != "off") if best else {}
     attention = "flex_attention" if best and cuda else "sdpa"
-    peak_lr = 1e-3 if args.method == "lora" else 2e-5
+    peak_lr = TrainSettings(method=args.method).peak_learning_rate  # the same peak as ours
     marks, counts, losses = [], [], []
 
     class Marks(TrainerCallback):
@@ -245,7 +240,8 @@ def run_trl(name: str, model_dir: Path, examples: list[dict], args, device: str,
         if args.method == "lora":
             from peft import LoraConfig
 
-            peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=trainer.DEFAULT_OPTIONS["lora"]["target_modules"], task_type="CAUSAL_LM")
+            lora = LoraSettings()  # ours' defaults
+            peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
         memory.reset()
         started = time.perf_counter()
         sft = SFTTrainer(model=str(model_dir), args=config, train_dataset=dataset, peft_config=peft_config, callbacks=[Marks()])

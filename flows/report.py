@@ -7,20 +7,15 @@ import textwrap
 from typing import Any
 
 from tasks.core import storage
+from tasks.reporting import metric_rows, number
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [header, *[[_cell(value) for value in row] for row in rows]]
+    cells = [header, *[[number(value) for value in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [" | ".join(value.ljust(width) for value, width in zip(row, widths)) for row in cells]
     lines.insert(1, "-+-".join("-" * width for width in widths))
     return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _flatten(stats: dict[str, Any], prefix: str = "") -> list[list[Any]]:
@@ -65,11 +60,15 @@ def format_comparison(eval_uri: str, width: int = 60) -> str:
     """Metrics table and side-by-side answers of the base and tuned models on held-out prompts."""
     metrics = storage.read_json(storage.join(eval_uri, "metrics.json"))
     generations = storage.read_json(storage.join(eval_uri, "generations.json"))
-    metric_rows = [
-        [name, metrics["base"].get(name), value, metrics.get("delta", {}).get(name)]
-        for name, value in metrics["tuned"].items()
+    base, tuned = metrics["base"], metrics["tuned"]
+    rows = [[row["metric"], row["base"], row["tuned"], row["delta"]] for row in metric_rows(base, tuned)]
+    lines = [
+        "Base vs tuned (held-out rows)",
+        _table(["metric", "base", "tuned", "delta"], rows),
+        f"eval rows: {base.get('eval_examples', 0)} ({base.get('eval_tokens', 0)} response tokens); "
+        f"generated answers: {base.get('num_generated', 0)} (greedy)",
+        "",
     ]
-    lines = ["Base vs tuned (held-out rows)", _table(["metric", "base", "tuned", "delta"], metric_rows), ""]
     for sample in generations:
         lines.append(f"Q: {_one_line(sample['prompt'], width * 2)}")
         lines.append(f"  base : {_one_line(sample['base'], width * 2)}")

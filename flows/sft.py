@@ -27,12 +27,12 @@ from flows.cli import config_from_args
 from flows.report import format_dataset_stats, format_run_summary
 from flows.server import api_for_cli
 from schemas.config import SFTConfig
-from schemas.manifests import StageResult
+from schemas.manifests import QualityGateError, ReleaseInputs, StageResult
 from tasks.core import storage
 from tasks.core.modeling import ModelSourceError
 from tasks.core.storage import RefusedTargetError
 from tasks.core.trainer import TrainingDivergedError
-from tasks.evaluate import QualityGateError, enforce_gate, evaluate_task, publish_eval_artifacts
+from tasks.evaluate import evaluate_task, publish_eval_artifacts
 from tasks.export import check_output_target, export_task
 from tasks.model import import_model_task
 from tasks.tokenize import publish_tokenize_stats, tokenize_task
@@ -56,6 +56,7 @@ class RunLedger:
 
     def __init__(self, config: SFTConfig):
         self.config = config
+        self.resolved = config.redacted_dump()  # once: every record and the release carry this
         self.started = datetime.now(timezone.utc)
         self.stages: dict[str, dict[str, Any]] = {}
 
@@ -80,7 +81,7 @@ class RunLedger:
             "flow_run_id": str(flow_run.id) if flow_run.id else None,
             "started_at": self.started.isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(),
-            "config": self.config.redacted_dump(),
+            "config": self.resolved,
             "stages": self.stages,
         }
 
@@ -98,7 +99,7 @@ def _result_storage(config: SFTConfig) -> dict[str, Any]:
 def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
     """Fine-tune `config.model` on `config.data` and publish the release at `config.output`."""
     # Before any work, and before anything (even a failed run's record) is written under it.
-    check_output_target(config.output, config.data_options.storage_options, config.cache_dir)
+    check_output_target(config.output, config.output_storage_options, config.cache_dir)
     ledger = RunLedger(config)
     try:
         data = ledger.run(validate_task, config.data, config.eval_data, config.data_options, config.cache_dir)
@@ -112,10 +113,14 @@ def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
             trained = ledger.run(train_task, tokenized, model, config.train, config.cache_dir, config.trust_remote_code)
             evaluation = ledger.run(
                 evaluate_task, data, tokenized, model, trained, config.eval, config.template, config.cache_dir,
-                config.trust_remote_code,
+                config.trust_remote_code, config.cache_storage_options,
             )
-        enforce_gate(evaluation)
-        ledger.run(export_task, config, model, trained, evaluation, data, tokenized, ledger.manifest("completed"))
+        evaluation.require_passed()
+        inputs = ReleaseInputs(model=model, data=data, tokenized=tokenized, trained=trained, evaluation=evaluation)
+        ledger.run(
+            export_task, inputs, config.output_target, config.export, config.train, config.template,
+            ledger.manifest("completed"), config.trust_remote_code, config.cache_storage_options,
+        )
     except BaseException as error:  # Ctrl-C and SIGTERM too: every attempt leaves its record
         _finish(ledger, _failure_status(error))
         raise
@@ -145,7 +150,7 @@ def _finish(ledger: RunLedger, status: str, exported: bool = False) -> dict[str,
     timing to it. Other runs (dry, failed, or one that found the same release already in place)
     write theirs under `<output>/attempts/`, so a release only ever describes the run that built it."""
     manifest = ledger.manifest(status)
-    options = ledger.config.data_options.storage_options
+    options = ledger.config.output_storage_options
     stamp = ledger.started.strftime("%Y%m%dT%H%M%SZ")
     built_release = exported and ledger.stages["export"]["cache"] == "miss"
     url = storage.join(ledger.config.output, "run_manifest.json") if built_release else storage.join(
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_cli(config: SFTConfig) -> dict[str, Any]:
     # The flow checks the output too (deployments, the UI); here it fails before a server starts.
-    check_output_target(config.output, config.data_options.storage_options, config.cache_dir)
+    check_output_target(config.output, config.output_storage_options, config.cache_dir)
     with api_for_cli():
         return sft(config)
 

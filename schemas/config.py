@@ -11,6 +11,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.manifests import OutputTarget
+
+from tasks.core.train_settings import (
+    Attention,
+    Device,
+    LoraSettings,
+    Method,
+    Precision,
+    Scheduler,
+    Strategy,
+    Switch,
+    TrainSettings,
+)
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_DATA = "embedded:identity-demo"
 
@@ -44,7 +58,8 @@ class DataOptions(_Section):
     )
     hf_split: str = Field("train", description="Split to read when `data` is a Hugging Face dataset id.")
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec storage options for the data URLs (credentials, endpoint, ...)."
+        default_factory=dict,
+        description="fsspec storage options for the data URLs only (credentials, endpoint, ...); the output and the cache have their own.",
     )
 
 
@@ -68,61 +83,72 @@ class TemplateOptions(_Section):
     )
 
 
+_LORA, _TRAIN = LoraSettings(), TrainSettings()  # the defaults, declared once in tasks.core.train_settings
+
+
 class LoraOptions(_Section):
-    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    r: int = Field(_LORA.r, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(_LORA.alpha, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(_LORA.dropout, ge=0.0, lt=1.0, description="LoRA dropout.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Module names that get LoRA adapters.",
+        default_factory=lambda: list(_LORA.target_modules), description="Module names that get LoRA adapters."
     )
 
 
 class TrainOptions(_Section):
-    method: Literal["lora", "full"] = Field("lora", description="LoRA adapters (peft) or full fine-tuning.")
+    method: Method = Field(_TRAIN.method, description="LoRA adapters (peft) or full fine-tuning.")
     lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA settings (method 'lora').")
     learning_rate: float | None = Field(
-        None, gt=0, description="Peak learning rate; empty: 1e-3 for LoRA, 2e-5 for full fine-tuning."
+        _TRAIN.learning_rate, gt=0, description="Peak learning rate; empty: 1e-3 for LoRA, 2e-5 for full fine-tuning."
     )
-    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
-    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Share of the steps spent warming up linearly.")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; when empty, `epochs` decides.")
-    epochs: float = Field(3.0, gt=0, description="Passes over the training rows (when max_steps is empty).")
+    lr_scheduler: Scheduler = Field(_TRAIN.lr_scheduler, description="Decay after warmup.")
+    warmup_ratio: float = Field(_TRAIN.warmup_ratio, ge=0.0, le=1.0, description="Share of the steps spent warming up linearly.")
+    max_steps: int | None = Field(_TRAIN.max_steps, ge=1, description="Optimizer steps; when empty, `epochs` decides.")
+    epochs: float = Field(_TRAIN.epochs, gt=0, description="Passes over the training rows (when max_steps is empty).")
     micro_batch_size: int = Field(
-        8, ge=1, description="Examples per forward pass (with packing: packed into micro_batch_size x max_length tokens)."
+        _TRAIN.micro_batch_size,
+        ge=1,
+        description="Examples per forward pass (with packing: packed into micro_batch_size x max_length tokens).",
     )
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
-    seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
-    packing: bool = Field(True, description="Pack examples into rows with per-example attention (no cross-contamination).")
-    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="'auto': CUDA, else MPS, else CPU.")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="'auto': bf16 on GPUs that support it, fp32 on CPU (bf16 on CPUs without bf16 units is ~85x slower)."
+    grad_accum: int = Field(_TRAIN.grad_accum, ge=1, description="Micro-batches per optimizer step.")
+    weight_decay: float = Field(_TRAIN.weight_decay, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(_TRAIN.max_grad_norm, ge=0.0, description="Gradient clipping norm (0 disables).")
+    seed: int = Field(_TRAIN.seed, description="Seed for data order, initialisation and dropout.")
+    packing: bool = Field(
+        _TRAIN.packing, description="Pack examples into rows with per-example attention (no cross-contamination)."
     )
-    attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
-        "auto",
+    device: Device = Field(_TRAIN.device, description="'auto': CUDA, else MPS, else CPU.")
+    precision: Precision = Field(
+        _TRAIN.precision,
+        description="'auto': bf16 on GPUs that support it, fp32 on CPU (bf16 on CPUs without bf16 units is ~85x slower).",
+    )
+    attention: Attention = Field(
+        _TRAIN.attention,
         description="Attention kernel; 'auto': flex attention for packed rows on CUDA (skips the blocks between examples), sdpa elsewhere.",
     )
-    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
-        "auto", description="'auto': only when the model would not fit otherwise."
+    gradient_checkpointing: Switch = Field(
+        _TRAIN.gradient_checkpointing, description="'auto': only when the model would not fit otherwise."
     )
-    compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile; 'auto': on CUDA for runs long enough to repay compilation."
+    compile: Switch = Field(
+        _TRAIN.compile, description="torch.compile; 'auto': on CUDA for runs long enough to repay compilation."
     )
-    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
-    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
-    devices: int = Field(1, ge=1, description="Processes (GPUs) per node; >1 launches torchrun.")
-    nnodes: int = Field(1, ge=1, description="Nodes; >1 launches torchrun with the rendezvous endpoint.")
-    node_rank: int = Field(0, ge=0, description="This node's rank when nnodes > 1.")
-    rdzv_endpoint: str = Field("127.0.0.1:29500", description="torchrun rendezvous host:port for multi-node runs.")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallelism: DDP, or FSDP for models that do not fit one device.")
+    checkpoint_every: int = Field(_TRAIN.checkpoint_every, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(_TRAIN.keep_checkpoints, ge=1, description="How many recent checkpoints to keep.")
+    devices: int = Field(_TRAIN.devices, ge=1, description="Processes (GPUs) per node; >1 launches torchrun.")
+    nnodes: int = Field(_TRAIN.nnodes, ge=1, description="Nodes; >1 launches torchrun with the rendezvous endpoint.")
+    node_rank: int = Field(_TRAIN.node_rank, ge=0, description="This node's rank when nnodes > 1.")
+    rdzv_endpoint: str = Field(_TRAIN.rdzv_endpoint, description="torchrun rendezvous host:port for multi-node runs.")
+    strategy: Strategy = Field(
+        _TRAIN.strategy, description="Data parallelism: DDP, or FSDP for models that do not fit one device."
+    )
+
+    def settings(self) -> TrainSettings:
+        """These options as the training core reads them: a frozen dataclass, no pydantic needed."""
+        return TrainSettings.from_dict(self.model_dump(mode="json"))
 
     @property
     def peak_learning_rate(self) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return 1e-3 if self.method == "lora" else 2e-5
+        return self.settings().peak_learning_rate
 
 
 class GateOptions(_Section):
@@ -169,8 +195,15 @@ class SFTConfig(BaseModel):
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the model's repository to run.")
     output: str = Field("outputs/sft-run", description="fsspec URL the release (model, tokenizer, report) is written to.")
+    output_storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options for `output` (credentials, endpoint, ...)."
+    )
     cache_dir: str = Field(
         ".sft-cache", description="fsspec URL of the content-addressed stage cache and Prefect results."
+    )
+    cache_storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options for `cache_dir` (credentials, endpoint, ...); read by evaluate and export.",
     )
     dry_run: bool = Field(False, description="Validate and tokenize, print dataset statistics, stop before training.")
     data_options: DataOptions = Field(default_factory=DataOptions, description="Reading and validating the data.")
@@ -183,8 +216,15 @@ class SFTConfig(BaseModel):
         """The resolved config as JSON-able values, storage credentials replaced (keys kept), for
         manifests and model cards that other people read."""
         values = self.model_dump(mode="json")
-        values["data_options"]["storage_options"] = {name: "<redacted>" for name in self.data_options.storage_options}
+        hidden = lambda options: {name: "<redacted>" for name in options}  # noqa: E731
+        values["data_options"]["storage_options"] = hidden(self.data_options.storage_options)
+        values["output_storage_options"] = hidden(self.output_storage_options)
+        values["cache_storage_options"] = hidden(self.cache_storage_options)
         return values
+
+    @property
+    def output_target(self) -> OutputTarget:
+        return OutputTarget(url=self.output, storage_options=self.output_storage_options)
 
     @field_validator("data", "eval_data", mode="before")
     @classmethod

@@ -40,12 +40,45 @@ class TrainArtifact(StageResult):
     loss_curve_uri: str = Field(description="JSON list of {step, loss, lr, tokens} records.")
 
 
+class QualityGateError(RuntimeError):
+    """The tuned model failed the quality gate; the message names the metric, both values and the threshold."""
+
+
 class EvalArtifact(StageResult):
     """Base vs tuned metrics, sample generations and the gate's verdict."""
 
     passed: bool = Field(description="Whether the tuned model passed the quality gate.")
     gate_message: str = Field("", description="Why the gate passed or failed.")
 
+    def require_passed(self) -> None:
+        """Raise QualityGateError unless the tuned model passed: the flow and export both refuse to
+        publish a model that failed."""
+        if not self.passed:
+            raise QualityGateError(f"Quality gate: {self.gate_message}")
+
 
 class ExportArtifact(StageResult):
     """A complete release folder."""
+
+
+class ReleaseInputs(BaseModel):
+    """Everything upstream produced that a release is built from, in one record."""
+
+    model: ModelArtifact = Field(description="The imported base model and its tokenizer.")
+    data: DataArtifact = Field(description="The validated rows and their validation report.")
+    tokenized: TokenizedArtifact = Field(description="The tokenized store.")
+    trained: TrainArtifact = Field(description="The trained weights and loss curve.")
+    evaluation: EvalArtifact = Field(description="Base vs tuned results and the gate's verdict (always present: a disabled evaluation passes).")
+
+    def content_keys(self) -> dict[str, str]:
+        """Each upstream stage's content key: together they say what the release is built from.
+        (Not `keys`: Prefect would take a model with a keys() method for a mapping.)"""
+        return {name: getattr(self, name).key for name in ("model", "data", "tokenized", "trained", "evaluation")}
+
+
+class OutputTarget(BaseModel):
+    """Where the release goes: an fsspec URL and the storage options for it (the output's own
+    credentials, never the data's or the cache's)."""
+
+    url: str = Field(description="fsspec URL of the release folder.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options for `url`.")

@@ -1,12 +1,15 @@
-"""export: an atomic, self-describing release folder at `config.output` (any fsspec URL).
+"""export: an atomic, self-describing release folder at the output target (any fsspec URL).
 
-The release is built in a local scratch folder and published with `storage.atomic_directory`:
-a crash midway leaves the previous release untouched. It holds the model (merged LoRA or full
-weights, safetensors, sharded above export.max_shard_size), the adapter for LoRA runs, the
-tokenizer with the chat template the model was trained with, the resolved run config, the run
-manifest with content hashes, the eval results and plots, and a model card. The optional `LATEST`
-pointer next to the release is written last. Weights are read from safetensors only and model code
-runs only when config.trust_remote_code is set."""
+Like every stage it takes records and its own options: what upstream produced (`ReleaseInputs`),
+where the release goes (`OutputTarget`: the URL and its own storage options), `ExportOptions`,
+and the train and template options the release describes. The release is built in a local
+scratch folder and published with `storage.atomic_directory`: a crash midway leaves the previous
+release untouched. It holds the model (merged LoRA or full weights, safetensors, sharded above
+export.max_shard_size), the adapter for LoRA runs, the tokenizer with the chat template the model
+was trained with, the resolved run config (redacted by the flow), the run manifest with content
+hashes, the eval results and plots, and a model card (`tasks/model_card.py`). The optional
+`LATEST` pointer next to the release is written last. Weights are read from safetensors only and
+model code runs only when trust_remote_code is set."""
 
 from __future__ import annotations
 
@@ -17,27 +20,26 @@ import re
 import shutil
 import sys
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 from prefect import task
 
-from schemas.config import EMBEDDED_MODEL, SFTConfig
-from schemas.manifests import DataArtifact, EvalArtifact, ExportArtifact, ModelArtifact, TokenizedArtifact, TrainArtifact
-from tasks.core import embedded, formatting, hashing, modeling, storage
-from tasks import evaluate
+from schemas.config import ExportOptions, TemplateOptions, TrainOptions
+from schemas.manifests import ExportArtifact, OutputTarget, ReleaseInputs
+from tasks import model_card, reporting
 from tasks.artifacts import publisher
-from tasks.evaluate import metric_rows, plot_loss_curve, read_loss_curve
+from tasks.core import formatting, hashing, modeling, storage
 from tasks.retrying import retry_transient
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CODE_PACKAGES = ("flows", "schemas", "tasks")
-EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LIBRARIES = ("torch", "transformers", "peft", "datasets", "safetensors", "prefect")
 
 
@@ -113,36 +115,38 @@ def _overlaps(output: str, cache_dir: str) -> bool:
 
 
 def export_release(
-    config: SFTConfig,
-    model: ModelArtifact,
-    trained: TrainArtifact,
-    evaluation: EvalArtifact | None,
-    data: DataArtifact,
-    tokenized: TokenizedArtifact,
+    inputs: ReleaseInputs,
+    target: OutputTarget,
+    options: ExportOptions,
+    train: TrainOptions,
+    template: TemplateOptions,
     run_manifest: dict,
+    trust_remote_code: bool = False,
+    cache_storage_options: dict[str, Any] | None = None,
 ) -> ExportArtifact:
-    """Write the release to config.output, or keep the release already there when it is complete
-    and was built from exactly the same inputs (store_hit). An evaluation that failed the quality
-    gate is refused here too (QualityGateError), whatever the caller did before."""
-    if evaluation is not None:
-        evaluate.enforce_gate(evaluation)
-    options = config.data_options.storage_options
-    key = export_key(config, model, trained, evaluation, data, tokenized)
-    store_hit = _release_key(config.output, options) == key
+    """Write the release to target.url, or keep the release already there when it is complete and
+    was built from exactly the same inputs (store_hit). An evaluation that failed the quality gate
+    is refused here too (QualityGateError), whatever the caller did before. `run_manifest` is the
+    flow's record so far; its `config` (already redacted) goes into the release as it is."""
+    inputs.evaluation.require_passed()
+    url, out_options = target.url, target.storage_options
+    key = export_key(inputs, options, train, template, trust_remote_code)
+    store_hit = _release_key(url, out_options) == key
     if not store_hit:
-        check_output_target(config.output, options)  # again: the folder may have changed since the run began
-        with storage.atomic_directory(config.output, options) as scratch:
-            build_release(scratch, key, config, model, trained, evaluation, data, tokenized, run_manifest)
-    files = _listing(config.output, options)
-    latest = write_latest(config.output, options) if config.export.update_latest else None
+        check_output_target(url, out_options)  # again: the folder may have changed since the run began
+        release = Release(inputs, options, train, template, trust_remote_code, cache_storage_options or {})
+        with storage.atomic_directory(url, out_options) as scratch:
+            build_release(scratch, key, release, run_manifest)
+    files = _listing(url, out_options)
+    latest = write_latest(url, out_options) if options.update_latest else None
     return ExportArtifact(
         stage="export",
-        uri=config.output,
+        uri=url,
         key=key,
         store_hit=store_hit,
         stats={
-            "method": trained.method,
-            "merged": trained.method == "full" or config.export.merge_lora,
+            "method": inputs.trained.method,
+            "merged": _merged(inputs, options),
             "weight_shards": sum(name.endswith(".safetensors") and "/" not in name for name in files),
             "files": len(files),
             "bytes": sum(files.values()),
@@ -151,74 +155,90 @@ def export_release(
     )
 
 
-def export_key(config, model, trained, evaluation, data, tokenized) -> str:
+# Options that say where things are or how a run is spread over machines, not what the release
+# holds: left out of its key like the output and cache URLs and every storage option.
+TRAIN_PLACEMENT = {"node_rank", "rdzv_endpoint"}
+# The LATEST pointer lives next to the release and is written on a reused release too.
+EXPORT_PLACEMENT = {"update_latest"}
+
+
+def export_key(inputs: ReleaseInputs, options: ExportOptions, train: TrainOptions, template: TemplateOptions,
+               trust_remote_code: bool) -> str:
+    """What determines the release: upstream keys, the export options, the train and template
+    options its card and config describe, trust_remote_code (which code merges) and this code."""
     return hashing.hash_parts(
-        "export", model.key, data.key, tokenized.key, trained.key, evaluation.key if evaluation else None,
-        config.redacted_dump(), CODE_VERSION,
+        "export", inputs.content_keys(), options.model_dump(mode="json", exclude=EXPORT_PLACEMENT),
+        train.model_dump(mode="json", exclude=TRAIN_PLACEMENT), template.model_dump(mode="json"), trust_remote_code, CODE_VERSION,
     )[:24]
 
 
-def build_release(scratch: Path, key, config, model, trained, evaluation, data, tokenized, run_manifest) -> None:
-    base_dir, trained_dir = storage.local_copy(model.uri), storage.local_copy(trained.uri)
-    tokenizer, template_matches = release_tokenizer(base_dir, config)
+@dataclass(frozen=True)
+class Release:
+    """What building one release needs, passed as one value through its steps."""
+
+    inputs: ReleaseInputs
+    options: ExportOptions
+    train: TrainOptions
+    template: TemplateOptions
+    trust_remote_code: bool
+    cache_options: dict[str, Any]
+
+
+def build_release(scratch: Path, key: str, release: Release, run_manifest: dict) -> None:
+    inputs, cache = release.inputs, release.cache_options
+    base_dir, trained_dir = storage.local_copy(inputs.model.uri, cache), storage.local_copy(inputs.trained.uri, cache)
+    tokenizer, template_matches = release_tokenizer(base_dir, release.template)
     tokenizer.save_pretrained(str(scratch))
-    save_weights(scratch, base_dir, trained_dir, trained.method, config, tokenizer)
-    resolved = config.redacted_dump()
+    save_weights(scratch, base_dir, trained_dir, release, tokenizer)
+    resolved = run_manifest["config"]  # redacted by the flow, written as it is
     (scratch / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     (scratch / "run_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-    curve = read_loss_curve(trained)
-    (scratch / "training").mkdir()
-    (scratch / "training" / "loss_curve.json").write_text(json.dumps(curve, indent=2) + "\n")
-    plot_loss_curve(curve, scratch / "training" / "loss_curve.png")
-    if evaluation is not None:
-        _copy_tree(storage.local_copy(evaluation.uri), scratch / "eval")
-    manifest = release_manifest(key, config, model, trained, evaluation, data, tokenized, run_manifest)
+    _write_training_curve(scratch / "training", inputs, cache)
+    _copy_tree(storage.local_copy(inputs.evaluation.uri, cache), scratch / "eval")
+    manifest = release_manifest(key, release, run_manifest)
     manifest["release"]["chat_template_matches_training"] = template_matches
-    write_model_card(scratch, config, model, trained, evaluation, data, tokenized, manifest)
+    write_model_card(scratch, release, manifest)
     # What the release wrote at its top level: a later run replaces the folder only while it
     # holds nothing else (check_output_target).
     manifest["release"]["files"] = sorted([path.name for path in scratch.iterdir()] + [RELEASE_MANIFEST])
     (scratch / RELEASE_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
 
 
-# The plain template (tasks/core/formatting.py) as Jinja, for base models without a chat template,
-# so `apply_chat_template` on the released tokenizer renders what training rendered.
-PLAIN_CHAT_TEMPLATE = (
-    "{% set ns = namespace(previous='') %}"
-    "{% for message in messages %}"
-    "{% if ns.previous == 'assistant' %}{{ '\\n\\n' }}{% endif %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token }}"
-    "{% else %}{{ raise_exception('the plain template has no role ' + message['role']) }}{% endif %}"
-    "{% set ns.previous = message['role'] %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{% if ns.previous == 'assistant' %}{{ '\\n\\n' }}{% endif %}{{ '### Response:\\n' }}{% endif %}"
-)
+def _write_training_curve(folder: Path, inputs: ReleaseInputs, cache_options: dict[str, Any]) -> None:
+    curve = reporting.read_loss_curve(inputs.trained, cache_options)
+    folder.mkdir()
+    (folder / "loss_curve.json").write_text(json.dumps(curve, indent=2) + "\n")
+    reporting.plot_loss_curve(curve, folder / "loss_curve.png")
+
+
+def _merged(inputs: ReleaseInputs, options: ExportOptions) -> bool:
+    return inputs.trained.method == "full" or options.merge_lora
+
+
 PROBE = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]
 
 
-def release_tokenizer(base_dir: Path, config: SFTConfig):
+def release_tokenizer(base_dir: Path, template: TemplateOptions):
     """The base tokenizer carrying the chat template training used, so `apply_chat_template` on the
     released tokenizer formats prompts as the model saw them. Returns (tokenizer, matches): whether
     the released template reproduces training's prompt tokens on a probe conversation (it cannot
     when training dropped a template's default system prompt or used a custom one)."""
     tokenizer = formatting.load_tokenizer(base_dir)
-    expected = formatting.render_prompt_ids(PROBE, tokenizer, config.template)
-    if formatting.template_kind(tokenizer, config.template) == "plain":
+    expected = formatting.render_prompt_ids(PROBE, tokenizer, template)
+    if formatting.template_kind(tokenizer, template) == "plain":
         text_ids = tokenizer.encode(formatting.render_plain(PROBE[:1], True, tokenizer.eos_token or ""), add_special_tokens=False)
         with_bos = expected != text_ids and expected[1:] == text_ids  # training put one BOS in front
-        tokenizer.chat_template = ("{{ bos_token }}" if with_bos else "") + PLAIN_CHAT_TEMPLATE
+        tokenizer.chat_template = ("{{ bos_token }}" if with_bos else "") + formatting.PLAIN_CHAT_TEMPLATE
     rendered = tokenizer.apply_chat_template(PROBE[:1], tokenize=False, add_generation_prompt=True)
     matches = tokenizer.encode(rendered, add_special_tokens=False) == expected
     if not matches:
         logger.warning("The released chat template does not reproduce training's prompts (system_prompt_mode %r): the model card says so",
-                       config.template.system_prompt_mode)
+                       template.system_prompt_mode)
     return tokenizer, matches
 
 
-def save_weights(scratch: Path, base_dir: Path, trained_dir: Path, method: str, config: SFTConfig, tokenizer) -> None:
-    trust = config.trust_remote_code
+def save_weights(scratch: Path, base_dir: Path, trained_dir: Path, release: Release, tokenizer) -> None:
+    method, trust = release.inputs.trained.method, release.trust_remote_code
     if method == "lora":
         adapter = trained_dir / "adapter"
         if not (adapter / modeling.ADAPTER_WEIGHTS).is_file():
@@ -227,7 +247,7 @@ def save_weights(scratch: Path, base_dir: Path, trained_dir: Path, method: str, 
         for path in adapter.iterdir():  # weights as safetensors and JSON configs only, never pickles
             if path.is_file() and path.suffix in (".safetensors", ".json"):
                 shutil.copy2(path, scratch / "adapter" / path.name)
-        if not config.export.merge_lora:
+        if not release.options.merge_lora:
             return
         final = modeling.merge_lora(base_dir, adapter, trust)
     elif method == "full":
@@ -241,34 +261,34 @@ def save_weights(scratch: Path, base_dir: Path, trained_dir: Path, method: str, 
             setattr(final.config, name, getattr(tokenizer, name))
             if getattr(generation, name, None) is None:
                 setattr(generation, name, getattr(tokenizer, name))
-    final.save_pretrained(str(scratch), max_shard_size=config.export.max_shard_size)
+    final.save_pretrained(str(scratch), max_shard_size=release.options.max_shard_size)
     if not (scratch / "generation_config.json").exists():
         generation.save_pretrained(str(scratch))
 
 
-def release_manifest(key, config, model, trained, evaluation, data, tokenized, run_manifest: dict) -> dict[str, Any]:
+def release_manifest(key: str, release: Release, run_manifest: dict) -> dict[str, Any]:
     """The flow's manifest plus what identifies the release: content hashes and versions."""
+    inputs = release.inputs
     manifest = json.loads(json.dumps(run_manifest, default=str))
-    manifest["config"] = config.redacted_dump()  # whatever the caller passed, never credentials
     manifest["hashes"] = {
         **manifest.get("hashes", {}),
-        "data": hashing.hash_url(data.uri),
-        "data_key": data.key,
-        "tokenized_key": tokenized.key,
-        "tokenizer": model.tokenizer_hash,
-        "base_model": model.key,
-        "trained": trained.key,
-        "evaluation": evaluation.key if evaluation else None,
+        "data": hashing.hash_url(inputs.data.uri, release.cache_options),
+        "data_key": inputs.data.key,
+        "tokenized_key": inputs.tokenized.key,
+        "tokenizer": inputs.model.tokenizer_hash,
+        "base_model": inputs.model.key,
+        "trained": inputs.trained.key,
+        "evaluation": inputs.evaluation.key,
         "code_version": pipeline_code_version(),
         "release": key,
     }
     manifest["release"] = {
         "key": key,
         "exported_at": datetime.now(timezone.utc).isoformat(),
-        "base_model": model.source,
-        "method": trained.method,
-        "merged": trained.method == "full" or config.export.merge_lora,
-        "gate": {"passed": evaluation.passed, "message": evaluation.gate_message} if evaluation else None,
+        "base_model": inputs.model.source,
+        "method": inputs.trained.method,
+        "merged": _merged(inputs, release.options),
+        "gate": {"passed": inputs.evaluation.passed, "message": inputs.evaluation.gate_message},
         "versions": {"python": platform.python_version(), **{name: _version(name) for name in LIBRARIES}},
     }
     return manifest
@@ -318,166 +338,27 @@ def _copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(storage.COMPLETE_MARKER, ".*"))
 
 
-# ---------------------------------------------------------------------------------------------
-# The model card
+def write_model_card(scratch: Path, release: Release, manifest: dict) -> None:
+    validation = storage.read_json(release.inputs.data.report_uri, release.cache_options)
+    card = model_card.model_card(release.inputs, release.train, release.template, manifest, validation)
+    (scratch / "README.md").write_text(card)
 
 
-def write_model_card(scratch: Path, config, model, trained, evaluation, data, tokenized, manifest) -> None:
-    (scratch / "README.md").write_text(model_card(config, model, trained, evaluation, data, tokenized, manifest))
-
-
-def model_card(config: SFTConfig, model, trained, evaluation, data, tokenized, manifest) -> str:
-    source = EMBEDDED_HUB_ID if model.source == EMBEDDED_MODEL else model.source
-    sections = [
-        _card_header(source, config, trained, manifest),
-        _card_training(config, data, tokenized, manifest),
-        _card_evaluation(evaluation),
-        _card_usage(source, config, trained, manifest),
-        _card_files(manifest, evaluation),
-    ]
-    return "\n\n".join(sections) + "\n"
-
-
-def _card_header(source: str, config: SFTConfig, trained, manifest) -> str:
-    front = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["sft", "prefect-sft", trained.method]}
-    if "/" in source and "://" not in source and not Path(source).exists():
-        front["base_model"] = source  # a hub id; local folders are named in the text only
-    method = "LoRA" if trained.method == "lora" else "full fine-tuning"
-    release = manifest["release"]
-    return (
-        f"---\n{yaml.safe_dump(front, sort_keys=False).strip()}\n---\n\n# Fine-tuned {source}\n\n"
-        f"Supervised fine-tune ({method}) of `{source}`, produced by the prefect-sft pipeline. "
-        f"Release key `{release['key']}`, exported {release['exported_at']}."
-    )
-
-
-def _card_training(config: SFTConfig, data, tokenized, manifest) -> str:
-    train = config.train
-    shipped_eval = embedded.embedded_eval_urls(config.data)  # embedded datasets bring their own
-    held_out = (
-        f"held-out data {', '.join(f'`{url}`' for url in config.eval_data)}" if config.eval_data
-        else "the embedded dataset's own held-out file" if shipped_eval
-        else f"{config.data_options.eval_fraction} of the rows held out, chosen by content hash"
-    )
-    settings = {
-        "method": train.method,
-        "peak learning rate": train.peak_learning_rate,
-        "scheduler": f"{train.lr_scheduler}, warmup ratio {train.warmup_ratio}",
-        "steps": train.max_steps or f"{train.epochs} epochs",
-        "micro batch x grad accum": f"{train.micro_batch_size} x {train.grad_accum}",
-        "packing": train.packing,
-        "max length / truncation": f"{config.template.max_length} / {config.template.truncation}",
-        "chat template / system prompt / loss on": f"{config.template.chat_template} / {config.template.system_prompt_mode} / {config.template.train_on}",
-        "weight decay / grad clip": f"{train.weight_decay} / {train.max_grad_norm}",
-        "seed": train.seed,
-    }
-    if train.method == "lora":
-        lora = train.lora
-        settings["LoRA"] = f"r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets={', '.join(lora.target_modules)}"
-    lines = ["## Training data", "", f"- Sources: {', '.join(f'`{url}`' for url in config.data)}; {held_out}",
-             f"- Validation: {_summary(data.stats)}", f"- Tokenization: {_summary(tokenized.stats)}",
-             f"- Content hash of the validated rows (sha256): `{manifest['hashes']['data']}`", "",
-             "## Hyperparameters", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in settings.items()]
-    lines += ["", "![training loss](training/loss_curve.png)"]
-    return "\n".join(lines)
-
-
-def _card_evaluation(evaluation) -> str:
-    if evaluation is None:
-        return "## Evaluation\n\nNot evaluated (eval.enabled was off): no quality gate was applied."
-    lines = ["## Evaluation", "", f"Quality gate **{'passed' if evaluation.passed else 'FAILED'}**: {evaluation.gate_message}",
-             "", "| metric | base | tuned | delta |", "|---|---|---|---|"]
-    for row in metric_rows(evaluation.stats.get("base", {}), evaluation.stats.get("tuned", {})):
-        lines.append("| " + " | ".join(_num(row[k]) for k in ("metric", "base", "tuned", "delta")) + " |")
-    lines += ["", "Loss and perplexity are over the response tokens of the held-out rows (lower is better); the text "
-              "metrics compare greedy answers with the reference answers (higher is better). Sample answers side by "
-              "side: `eval/report.md`."]
-    return "\n".join(lines)
-
-
-LOAD_MERGED = """```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", use_safetensors=True)
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
-messages = [{{"role": "user", "content": "Hello!"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
-print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```"""
-LOAD_ADAPTER = """The LoRA adapter alone is in `adapter/`; apply it to `{source}` with peft:
-
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
-base = AutoModelForCausalLM.from_pretrained("{source}", use_safetensors=True)
-model = PeftModel.from_pretrained(base, "path/to/this/folder/adapter")
-```"""
-
-
-def _card_usage(source: str, config: SFTConfig, trained, manifest) -> str:
-    lines = ["## Intended use", "",
-             "A research and demonstration model: a small model adapted to the conversations in its training data. It "
-             "has not been evaluated for safety or factuality beyond the metrics above and can give wrong or biased "
-             "answers. Prompt it with the bundled chat template (`tokenizer.apply_chat_template`), the format it was "
-             "trained on."]
-    mode = config.template.system_prompt_mode
-    if not manifest["release"]["chat_template_matches_training"]:
-        lines += ["", f"**Prompt format:** training used system_prompt_mode `{mode}`, which the bundled chat template "
-                  "does not reproduce by itself: " + (f"pass `{config.template.system_prompt}` as the system message."
-                  if mode == "custom" else "training removed the template's default system prompt.")]
-    lines += ["", "## How to load", ""]
-    if manifest["release"]["merged"]:
-        lines += [LOAD_MERGED.format(), ""]
-    if trained.method == "lora":
-        lines += [LOAD_ADAPTER.format(source=source)]
-    return "\n".join(lines).rstrip()
-
-
-def _card_files(manifest, evaluation) -> str:
-    model_files = "`model.safetensors` (or shards and `model.safetensors.index.json`), `config.json`, `generation_config.json`"
-    lines = ["## Files", "",
-             f"- {model_files}: the model" if manifest["release"]["merged"] else "- no merged model (export.merge_lora was off)",
-             "- tokenizer files and `chat_template.jinja`: the tokenizer with the chat template used in training",
-             "- `config.yaml`, `run_config.json`: the resolved run configuration (storage credentials redacted)",
-             "- `run_manifest.json`: stages, cache keys, content hashes of data, tokenizer, base model and code, library versions",
-             "- `training/loss_curve.json`, `training/loss_curve.png`: the training loss"]
-    if manifest["release"]["method"] == "lora":
-        lines.append("- `adapter/`: the LoRA adapter (peft, safetensors)")
-    if evaluation is not None:
-        lines.append("- `eval/`: metrics.json (base, tuned, delta), gate.json, generations.json, loss_curve.png, report.md")
-    lines += ["", "## Reproducibility", "", "| content | hash |", "|---|---|"]
-    lines += [f"| {name} | `{value}` |" for name, value in manifest["hashes"].items() if value]
-    return "\n".join(lines)
-
-
-def _summary(stats: dict[str, Any]) -> str:
-    flat = [f"{k}: {_num(v)}" for k, v in stats.items() if not isinstance(v, (dict, list))]
-    return ", ".join(flat) or "-"
-
-
-def _num(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-CODE_VERSION = hashing.code_version(sys.modules[__name__], evaluate, modeling, formatting)
+CODE_VERSION = hashing.code_version(sys.modules[__name__], model_card, reporting, modeling, formatting)
 
 
 @task(name="export", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
 def export_task(
-    config: SFTConfig,
-    model: ModelArtifact,
-    trained: TrainArtifact,
-    evaluation: EvalArtifact | None,
-    data: DataArtifact,
-    tokenized: TokenizedArtifact,
+    inputs: ReleaseInputs,
+    target: OutputTarget,
+    options: ExportOptions,
+    train: TrainOptions,
+    template: TemplateOptions,
     run_manifest: dict,
+    trust_remote_code: bool = False,
+    cache_storage_options: dict[str, Any] | None = None,
 ) -> ExportArtifact:
-    result = export_release(config, model, trained, evaluation, data, tokenized, run_manifest)
+    result = export_release(inputs, target, options, train, template, run_manifest, trust_remote_code, cache_storage_options)
     publish_release_link(result)
     return result
 

@@ -2,10 +2,11 @@
 
 The entry is keyed by content: the validated data's bytes (DataArtifact.key), the tokenizer's files
 and chat template (ModelArtifact.tokenizer_hash), every TemplateOptions field and the source of this
-module and of tasks/core/formatting.py. Moving the data keeps the key; changing one byte, one option
-or the masking code changes it. The entry is written to a scratch folder and renamed into place
-with a completion marker (tasks/core/storage.atomic_directory); an incomplete or unreadable entry
-is rebuilt. Formatting and masking live in tasks/core/formatting.py.
+module, of tasks/core/formatting.py and of tasks/core/rows.py (the canonical rows' reader). Moving
+the data keeps the key; changing one byte, one option or the masking code changes it. The entry is
+written to a scratch folder and renamed into place with a completion marker
+(tasks/core/storage.atomic_directory); an incomplete or unreadable entry is rebuilt. Formatting and
+masking live in tasks/core/formatting.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 import uuid
 from typing import Any
 
-import fsspec
 from prefect import task
 
 from schemas.config import TemplateOptions
@@ -25,9 +25,11 @@ from schemas.manifests import DataArtifact, ModelArtifact, TokenizedArtifact
 from tasks.artifacts import publisher
 from tasks.caching import content_cache_key
 from tasks.core import formatting, hashing, storage
+from tasks.core import rows as canonical
 from tasks.core.collate import IGNORE_INDEX
+from tasks.core.readers import DataValidationError
+from tasks.core.rows import read_canonical
 from tasks.retrying import retry_transient
-from tasks.validate import DataValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +66,12 @@ def tokenize_dataset(
         logger.warning("tokenize: entry %s is unreadable; rebuilding it", url)
     rebuild = storage.exists(url)  # a half-written or corrupt entry is replaced, a finished one never
     tokenizer = formatting.load_tokenizer(storage.local_copy(model.uri))
-    datasets_by_split, stats = build_splits(read_rows(data.uri), tokenizer, options)
+    datasets_by_split, stats = build_splits(list(read_canonical(data.uri)), tokenizer, options)
     require_rows(stats, options)
     stats["seconds"] = round(time.perf_counter() - started, 3)
     publish_entry(url, datasets_by_split, stats, replace=rebuild)
     logger.info("tokenize: wrote %s in %.2f s", url, stats["seconds"])
     return TokenizedArtifact(stage=STAGE, uri=url, key=key, stats=stats, store_hit=False)
-
-
-def read_rows(url: str) -> list[dict[str, Any]]:
-    """Canonical rows from the validated JSONL file."""
-    with fsspec.open(url, "r", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def build_splits(rows: list[dict[str, Any]], tokenizer, options: TemplateOptions) -> tuple[dict, dict[str, Any]]:
@@ -207,7 +203,8 @@ def read_entry(url: str) -> dict[str, Any] | None:
         return None
 
 
-CODE_VERSION = hashing.code_version(sys.modules[__name__], formatting)
+# rows.py: its reader of the canonical JSONL decides what gets tokenized.
+CODE_VERSION = hashing.code_version(sys.modules[__name__], formatting, canonical)
 
 
 @task(

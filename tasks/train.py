@@ -1,9 +1,10 @@
 """train: LoRA or full fine-tuning on the tokenized store, resumable, one device or torchrun.
 
-The work happens in `tasks.core.trainer` (no Prefect there, so it also runs on bare GPU boxes);
-this module names the cache entry, hands the trainer a spec and describes the result. Checkpoints
-live beside the entry (`train/<key>.checkpoints`), so a Prefect retry or the same command run again
-after a crash resumes where the last checkpoint left off."""
+The work happens in `tasks.core.trainer`, run by `tasks.core.launcher` (no Prefect or pydantic
+there, so it also runs on bare GPU boxes); this module names the cache entry, hands the launcher a
+spec and describes the result. Checkpoints live beside the entry (`train/<key>.checkpoints`), so a
+Prefect retry or the same command run again after a crash resumes where the last checkpoint left
+off."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from schemas.config import TrainOptions
 from schemas.manifests import ModelArtifact, TokenizedArtifact, TrainArtifact
 from tasks.artifacts import in_prefect_run
 from tasks.caching import content_cache_key
-from tasks.core import collate, hashing, storage, trainer
+from tasks.core import checkpoints, collate, hashing, launcher, storage, train_settings, trainer
 from tasks.retrying import retry_transient
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def train_model(
     key, url = train_entry(tokenized, model, options, cache_dir, trust_remote_code)
     if storage.is_complete(url):
         return _artifact(key, url, options, store_hit=True)
-    trainer.train(train_spec(tokenized, model, options, cache_dir, trust_remote_code), progress)
+    launcher.train(train_spec(tokenized, model, options, cache_dir, trust_remote_code), progress)
     return _artifact(key, url, options, store_hit=False)
 
 
@@ -75,8 +76,7 @@ def train_spec(
         data_dir=str(storage.local_copy(tokenized.uri)),
         output_url=url,
         checkpoint_url=checkpoint_url(cache_dir, key),
-        options=options.model_dump(mode="json"),
-        learning_rate=options.peak_learning_rate,
+        settings=options.settings(),
         run_id=key[:16],
         trust_remote_code=trust_remote_code,
     )
@@ -96,7 +96,8 @@ def _artifact(key: str, url: str, options: TrainOptions, store_hit: bool) -> Tra
     )
 
 
-CODE_VERSION = hashing.code_version(sys.modules[__name__], trainer, collate)
+# The code that decides the trained weights: the loop, how it resumes, the defaults and the batches.
+CODE_VERSION = hashing.code_version(sys.modules[__name__], trainer, checkpoints, train_settings, collate)
 
 
 class PrefectProgress:

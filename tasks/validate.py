@@ -1,35 +1,25 @@
 """validate-data: read the data wherever it lives, map every format onto the canonical rows, and
 reject or report every bad row (pandera, `schemas/data.py`) before anything is tokenized.
 
-The entry `cache_dir/validated/<key>/` holds `data.jsonl` (one canonical row a line:
-{"messages": [...], "split": "train"|"eval", "source": "<file>:<row>"}) and `report.json`. The key
-hashes the input bytes, the options and this code; the artifact's own key is the hash of the
-rows' text and split (not their `source` labels), which is what later stages cache on."""
+Reading the files is `tasks/core/readers.py`; the canonical row, its split and its JSONL file are
+`tasks/core/rows.py`. This module checks rows, reports and publishes. The entry
+`cache_dir/validated/<key>/` holds `data.jsonl` (one canonical row a line) and `report.json`. The
+key hashes the input bytes, the options and the code that shapes the rows; the artifact's own key
+is the hash of the rows' text and split (not their `source` labels), which is what later stages
+cache on."""
 
 from __future__ import annotations
 
-import csv
-import errno
 import functools
-import gzip
-import hashlib
-import io
 import json
 import logging
-import lzma
-import os
-import re
-import stat
 import statistics
 import sys
-import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-import fsspec
 import pandas as pd
 import pandera.pandas as pa
-from fsspec.implementations.local import LocalFileSystem
 from prefect import task
 
 import schemas.data as data_schema
@@ -37,108 +27,41 @@ from schemas.config import DataOptions
 from schemas.manifests import DataArtifact
 from tasks.artifacts import publisher
 from tasks.caching import content_cache_key, ensure_record_matches
-from tasks.core import storage
-from tasks.core.embedded import embedded_eval_urls, resolve_data_urls
+from tasks.core import readers, storage
+from tasks.core import rows as canonical
 from tasks.core.hashing import code_version, hash_bytes, hash_parts
+from tasks.core.readers import (  # DataValidationError stays importable from here (flows, tests)
+    DataValidationError, FileProblem, LoadedFile, Source, hash_stream, load_source, read_source, resolve_sources,
+)
+from tasks.core.rows import Row, assign_splits, content_key, eval_in_train, find_duplicates, write_canonical
 from tasks.retrying import retry_transient
 
 STAGE = "validate-data"
-CODE_VERSION = code_version(sys.modules[__name__], data_schema)
+# Every module whose code changes the validated rows: readers parse them, rows splits and writes them.
+CODE_VERSION = code_version(sys.modules[__name__], data_schema, readers, canonical)
 MESSAGE_ROWS = 20  # failing rows quoted in the error; the report file has all of them
 STAT_FIELDS = (
     "rows_read", "rows_kept", "train_rows", "eval_rows", "eval_rows_in_train", "rows_dropped", "dropped_by_reason", "duplicates", "chars",
 )
-COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
-FILE_KINDS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet"}
-SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # pandera's check names, shortened to the reasons the report counts by
 REASONS = {data_schema.NULL: "null"}
 
 logger = logging.getLogger(__name__)
 
 
-class DataValidationError(ValueError):
-    """The data is bad: found before tokenizing, and no retry can fix it."""
+# --- keys --------------------------------------------------------------------------------------
 
 
-class FileProblem(Exception):
-    """A whole file cannot be used; the caller prefixes the file's name."""
+def _sources(data: list[str], eval_data: list[str], options: DataOptions) -> list[Source]:
+    return resolve_sources(data, eval_data, options.storage_options, options.hf_split)
 
 
-# --- sources -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Source:
-    url: str  # a file URL, or a Hugging Face dataset id when hub_split is set
-    split: str  # "train" or "eval"
-    hub_split: str | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.url}[{self.hub_split}]" if self.hub_split else self.url
-
-
-def resolve_sources(data: list[str], eval_data: list[str], options: DataOptions) -> list[Source]:
-    """Every input file (globs expanded, sorted) or dataset id, training sources first."""
-    eval_urls = list(eval_data) or embedded_eval_urls(data)
-    return [
-        source
-        for split, urls in (("train", resolve_data_urls(data)), ("eval", resolve_data_urls(eval_urls)))
-        for url in urls
-        for source in _expand(url, split, options)
-    ]
-
-
-def _expand(url: str, split: str, options: DataOptions) -> list[Source]:
-    fs, path = storage.filesystem(url, options.storage_options)
-    if any(char in path for char in "*?["):
-        matches = sorted(match for match in fs.glob(path) if not fs.isdir(match))
-        if not matches:
-            raise DataValidationError(f"{url}: the glob matched no files")
-        return [_file_source(url, fs, match, split) for match in matches]
-    _refuse_special_file(fs, path, url)
-    if fs.isdir(path):
-        files = sorted(item for item in fs.ls(path, detail=False) if _file_kind_of(item))
-        if not files:
-            raise DataValidationError(f"{url}: the folder holds no JSON, JSONL, CSV or Parquet files")
-        return [_file_source(url, fs, item, split) for item in files]
-    if fs.exists(path):
-        return [Source(url, split)]
-    if HUB_ID.match(url) and not _file_kind_of(url):
-        return [Source(url, split, hub_split=options.hf_split)]
-    raise DataValidationError(f"{url}: no such file (nor a glob, folder or Hugging Face dataset id)")
-
-
-def _with_protocol(url: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return fs.unstrip_protocol(path) if "://" in url else path
-
-
-def _file_source(url: str, fs: fsspec.AbstractFileSystem, path: str, split: str) -> Source:
-    name = _with_protocol(url, fs, path)
-    _refuse_special_file(fs, path, name)
-    return Source(name, split)
-
-
-def _refuse_special_file(fs: fsspec.AbstractFileSystem, path: str, name: str) -> None:
-    """Refuse a local path that is neither a regular file nor a folder, before anything opens it:
-    opening a FIFO blocks until a writer comes, and a device such as /dev/zero never ends."""
-    if not isinstance(fs, LocalFileSystem):
-        return  # objects elsewhere are read no further than their reported size (_read_chunks)
-    try:
-        mode = os.stat(path).st_mode  # follows links: zero.jsonl -> /dev/zero is a device
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise DataValidationError(f"{name}: symlink loop ({exc.strerror}); point the link at a real file") from exc
-        return  # a missing path is reported by the caller, which also tries globs and hub ids
-    kind = next((kind for test, kind in SPECIAL_FILES if test(mode)), None)
-    if kind is not None:
-        raise DataValidationError(f"{name}: not a regular file ({kind}); give a JSON, JSONL, CSV or Parquet file, or a folder of them")
+def _hub_hash(source: Source) -> str:
+    return hash_parts("hub", source.url, source.hub_split)  # a hub dataset is keyed by its id and split
 
 
 def _source_hash(source: Source, raw: bytes | None) -> str:
-    return hash_parts("hub", source.url, source.hub_split) if source.hub_split else hash_bytes(raw)
+    return _hub_hash(source) if source.hub_split else hash_bytes(raw)
 
 
 def _entry(sources: list[Source], hashes: list[str], options: DataOptions, cache_dir: str) -> tuple[str, str]:
@@ -151,257 +74,11 @@ def _entry(sources: list[Source], hashes: list[str], options: DataOptions, cache
 
 def validate_entry(data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str) -> tuple[str, str]:
     """(key, url) of the cache entry: the key hashes every input's bytes in order (a hub dataset:
-    its id and split), the options and this stage's code. Streams the files (Prefect's cache key)."""
-    sources = resolve_sources(data, eval_data, options)
-    hashes = [hash_parts("hub", source.url, source.hub_split) if source.hub_split else _hash_stream(source, options) for source in sources]
+    its id and split), the options and the code that shapes the rows (CODE_VERSION). Streams the
+    files (Prefect's cache key)."""
+    sources = _sources(data, eval_data, options)
+    hashes = [_hub_hash(source) if source.hub_split else hash_stream(source, options.storage_options) for source in sources]
     return _entry(sources, hashes, options, cache_dir)
-
-
-def _hash_stream(source: Source, options: DataOptions) -> str:
-    digest = hashlib.sha256()
-    for block in _read_chunks(source, options):
-        digest.update(block)
-    return digest.hexdigest()  # equals hash_bytes(read_source(...)): the stage re-keys by what it parsed
-
-
-# --- reading -----------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedFile:
-    source: Source
-    rows: list[Any]
-    lines: list[int] | None = None  # 1-based line of each row, where a line means something
-    json_text: str | None = None  # a JSON array's text: its lines are found only when needed
-
-    def line(self, row: int) -> int | None:
-        if self.lines is None and self.json_text is not None:
-            self.lines = _json_array_lines(self.json_text)
-        return self.lines[row] if self.lines is not None and row < len(self.lines) else None
-
-
-def _file_kind_of(url: str) -> str | None:
-    name = url.rsplit("/", 1)[-1].lower()
-    for suffix in COMPRESSIONS:
-        name = name.removesuffix(suffix)
-    return FILE_KINDS.get("." + name.rsplit(".", 1)[-1]) if "." in name else None
-
-
-def load_source(source: Source, raw: bytes | None) -> LoadedFile:
-    """Parse one input from the bytes that were read (and hashed) for it; a hub split loads here."""
-    if source.hub_split:
-        return LoadedFile(source, _hub_rows(source.url, source.hub_split))
-    raw = _decompress(source.url, raw)
-    if not raw.strip():
-        raise FileProblem("the file is empty")
-    kind = _file_kind_of(source.url)
-    _refuse_misnamed(source.url, kind, raw)
-    kind = kind or _sniff_kind(raw)
-    if kind == "parquet":
-        loaded = LoadedFile(source, _parquet_rows(raw))
-    else:
-        loaded = _parse_text(source, kind, _decode(raw))
-    if not loaded.rows:
-        raise FileProblem("the file has no rows")
-    return loaded
-
-
-def read_source(source: Source, options: DataOptions) -> bytes | None:
-    """The file's bytes as stored (compressed or not); None for a hub dataset."""
-    if source.hub_split:
-        return None
-    return b"".join(_read_chunks(source, options))
-
-
-def _read_chunks(source: Source, options: DataOptions, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """The stored bytes, never more than the store reports: a stream that does not end (a device
-    behind some filesystem, a misbehaving store) fails instead of filling the memory."""
-    fs, path = storage.filesystem(source.url, options.storage_options)
-    size = fs.size(path)
-    if size is None:
-        raise DataValidationError(f"{source.name}: its store reports no size, so it cannot be read safely; copy it to a local file first")
-    left = size + 1  # one byte past the reported size tells a longer stream
-    with fsspec.open(source.url, "rb", **options.storage_options) as handle:
-        while left and (block := handle.read(min(chunk, left))):
-            left -= len(block)
-            yield block
-    if not left:
-        raise DataValidationError(
-            f"{source.name}: holds more than the {size} bytes its store reports (still being written, or not a plain file); "
-            "run again once it is complete"
-        )
-
-
-def _decompress(url: str, raw: bytes) -> bytes:
-    compression = next((name for suffix, name in COMPRESSIONS.items() if url.lower().endswith(suffix)), None)
-    if compression is None:
-        return raw
-    try:
-        with fsspec.compression.compr[compression](io.BytesIO(raw)) as handle:
-            return handle.read()
-    except (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError) as exc:
-        raise FileProblem(f"not valid {compression} data ({exc})") from exc
-    except OSError as exc:
-        if compression == "bz2" and "data stream" in str(exc):
-            raise FileProblem(f"not valid bz2 data ({exc})") from exc
-        raise
-
-
-def _refuse_misnamed(url: str, kind: str | None, raw: bytes) -> None:
-    """Binary content under a text file's name would only be reported as 'not UTF-8'. Refused rather
-    than read as what it is: a name that lies usually means the wrong file, and other tools trust it."""
-    name = url.rsplit("/", 1)[-1]
-    compressed = name.lower().endswith(tuple(COMPRESSIONS))
-    if raw.startswith(b"PAR1") and kind not in ("parquet", None):
-        stem = name.rsplit(".", 2 if compressed else 1)[0]
-        raise FileProblem(f"a Parquet file: name it {stem}.parquet (the name says {kind.upper()})")
-    if raw.startswith(b"\x1f\x8b") and not compressed:
-        raise FileProblem(f"gzip-compressed: name it {name}.gz, or decompress it")
-
-
-def _sniff_kind(raw: bytes) -> str:
-    if raw.startswith(b"PAR1"):
-        return "parquet"
-    if raw.lstrip()[:1] in (b"[", b"{"):
-        return "json"
-    raise FileProblem("unsupported file type: use JSON, JSON Lines (optionally .gz), CSV or Parquet")
-
-
-def _decode(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise FileProblem(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save it as UTF-8") from exc
-
-
-def _parse_text(source: Source, kind: str, text: str) -> LoadedFile:
-    if kind in ("csv", "tsv"):
-        rows, lines = _csv_rows(text, "\t" if kind == "tsv" else ",")
-        return LoadedFile(source, rows, lines)
-    if text.lstrip().startswith("["):
-        return LoadedFile(source, _json_array_rows(text), json_text=text)
-    rows, lines = _jsonl_rows(text)
-    return LoadedFile(source, rows, lines)
-
-
-class _Refused(Exception):
-    """JSON that Python's parser would accept (or overflow on) but that is not usable data."""
-
-
-def _refuse_constant(name: str) -> Any:
-    raise _Refused(f"{name} is not valid JSON (JSON has no NaN or Infinity): write a string, or null for a missing value")
-
-
-def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    record = dict(pairs)
-    if len(record) < len(pairs):  # json.loads would silently keep the last value
-        keys = [key for key, _ in pairs]
-        twice = next(key for index, key in enumerate(keys) if key in keys[:index])
-        raise _Refused(f"key {twice!r} appears twice in one object: keep one")
-    return record
-
-
-STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_refuse_duplicate_keys)
-
-
-def _strict_loads(text: str) -> Any:
-    try:
-        return STRICT_JSON.decode(text)
-    except RecursionError as exc:  # the C parser recurses once per level of [ or {
-        raise _Refused("nested too deeply for the JSON parser (hundreds of levels of [ or {): rows must be flat objects of text") from exc
-
-
-def _json_array_rows(text: str) -> list[Any]:
-    try:
-        return _strict_loads(text)
-    except json.JSONDecodeError as exc:
-        raise FileProblem(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from exc
-    except _Refused as exc:
-        raise FileProblem(_json_array_refusal(text, exc)) from exc
-
-
-def _json_array_refusal(text: str, refused: _Refused) -> str:
-    """The refusal prefixed with the row and line of the element that causes it."""
-    lines: list[int] = []
-    try:
-        lines.extend(_json_array_starts(text, STRICT_JSON))
-    except (_Refused, RecursionError):
-        pass  # the element whose start was appended last is the one refused
-    return f"row {len(lines) - 1} (0-based), line {lines[-1]}: {refused}" if lines else str(refused)
-
-
-def _json_array_lines(text: str) -> list[int]:
-    """The line on which each element of a (valid) JSON array starts."""
-    return list(_json_array_starts(text, json.JSONDecoder()))
-
-
-def _json_array_starts(text: str, decoder: json.JSONDecoder) -> Iterator[int]:
-    separators = re.compile(r"[\s,]*")
-    position, line, counted = text.index("[") + 1, 1, 0
-    while (position := separators.match(text, position).end()) < len(text) and text[position] != "]":
-        line, counted = line + text.count("\n", counted, position), position
-        yield line
-        _, position = decoder.raw_decode(text, position)
-
-
-def _jsonl_rows(text: str) -> tuple[list[Any], list[int]]:
-    rows, lines = [], []
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends unescaped.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(_strict_loads(line))
-        except json.JSONDecodeError as exc:
-            raise FileProblem(_jsonl_error(text, number, exc)) from exc
-        except _Refused as exc:
-            raise FileProblem(f"row {len(rows)} (0-based), line {number}: {exc}") from exc
-        lines.append(number)
-    return rows, lines
-
-
-def _jsonl_error(text: str, number: int, exc: json.JSONDecodeError) -> str:
-    try:
-        json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return f"not valid JSON Lines: line {number}: {exc.msg} (column {exc.colno})"
-    return "one JSON value spread over several lines: expected a JSON array of rows or JSON Lines (one object a line)"
-
-
-def _csv_rows(text: str, delimiter: str) -> tuple[list[dict[str, Any]], list[int]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    rows, lines = [], []
-    try:
-        if reader.fieldnames is None:
-            return [], []
-        start = reader.line_num + 1
-        for row in reader:
-            row.pop(None, None)  # cells beyond the header have no column to belong to
-            rows.append(row)
-            lines.append(start)
-            start = reader.line_num + 1
-    except csv.Error as exc:
-        raise FileProblem(f"not valid CSV at line {reader.line_num}: {exc}") from exc
-    return rows, lines
-
-
-def _parquet_rows(raw: bytes) -> list[dict[str, Any]]:
-    import pyarrow
-    import pyarrow.parquet
-
-    try:
-        return pyarrow.parquet.read_table(io.BytesIO(raw)).to_pylist()
-    except (pyarrow.ArrowInvalid, OSError) as exc:
-        raise FileProblem(f"not a valid Parquet file ({exc})") from exc
-
-
-def _hub_rows(dataset_id: str, split: str) -> list[dict[str, Any]]:
-    import datasets
-
-    try:
-        return datasets.load_dataset(dataset_id, split=split).to_list()
-    except FileNotFoundError as exc:  # DatasetNotFoundError; network errors propagate and are retried
-        raise FileProblem(f"no such file, and no Hugging Face dataset by that id ({exc})") from exc
 
 
 # --- checking ----------------------------------------------------------------------------------
@@ -516,31 +193,7 @@ def _failure(loaded: LoadedFile, row: int, column: str, check: str, reason: str)
     return RowFailure(loaded.source.name, row, loaded.line(row), column, check, reason)
 
 
-# --- canonical rows ----------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    messages: list[dict[str, str]]
-    split: str
-    source: str
-
-    @functools.cached_property
-    def canonical(self) -> str:
-        return json.dumps(self.messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-    @property
-    def fraction(self) -> float:
-        """Where the row's content hash falls in [0, 1): the same text always lands the same."""
-        return int(hashlib.sha256(self.canonical.encode("utf-8")).hexdigest()[:8], 16) / 16**8
-
-    @property
-    def chars(self) -> int:
-        return sum(len(message["content"]) for message in self.messages)
-
-    def as_json(self) -> str:
-        record = {"messages": self.messages, "split": self.split, "source": self.source}
-        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+# --- records onto canonical rows ---------------------------------------------------------------
 
 
 def to_messages(record: dict[str, Any], format_name: str) -> list[dict[str, str]]:
@@ -570,46 +223,15 @@ def canonical_rows(checked: CheckedFile) -> list[Row]:
     ]
 
 
-def find_duplicates(rows: list[Row]) -> list[tuple[Row, Row]]:
-    """(duplicate, first occurrence) for every row whose messages equal an earlier row's."""
-    first: dict[str, Row] = {}
-    return [(row, first[row.canonical]) for row in rows if first.setdefault(row.canonical, row) is not row]
-
-
-def eval_in_train(rows: list[Row]) -> list[tuple[Row, Row]]:
-    """(eval row, training row) for every eval row whose messages are also a training row's: the
-    eval loss on it measures memorisation. A hash split never does this; eval files can."""
-    trained: dict[str, Row] = {}
-    for row in rows:
-        if row.split == "train":
-            trained.setdefault(row.canonical, row)
-    return [(row, trained[row.canonical]) for row in rows if row.split == "eval" and row.canonical in trained]
-
-
-def hash_split(fractions: list[float], eval_fraction: float) -> list[bool]:
-    """Which rows are held out: those whose content hash falls under eval_fraction, with at least
-    one eval row (the smallest hash) and one train row whenever there are two rows or more."""
-    if len(fractions) < 2:
-        return [False] * len(fractions)
-    held = [fraction < eval_fraction for fraction in fractions]
-    if eval_fraction > 0 and not any(held):
-        held = [fraction == min(fractions) for fraction in fractions]
-    if all(held):
-        held = [fraction < max(fractions) for fraction in fractions]
-    if eval_fraction > 0 and not any(held):
-        held[-1] = True  # every row has the same text: no split can keep them apart
-    return held
-
-
 # --- the stage ---------------------------------------------------------------------------------
 
 
 def validate_data(data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str) -> DataArtifact:
     """Read, check and canonicalise the data; publish data.jsonl + report.json under its key."""
-    sources = resolve_sources(data, eval_data, options)
+    sources = _sources(data, eval_data, options)
     # Each file is read once: the key hashes exactly the bytes that are parsed, so a file that
     # changes during the run can never be stored under its old content's key.
-    raws = [read_source(source, options) for source in sources]
+    raws = [read_source(source, options.storage_options) for source in sources]
     key, url = _entry(sources, [_source_hash(source, raw) for source, raw in zip(sources, raws)], options, cache_dir)
     if storage.is_complete(url):
         return _artifact(url, storage.read_json(storage.join(url, "report.json")), store_hit=True)
@@ -619,7 +241,7 @@ def validate_data(data: list[str], eval_data: list[str], options: DataOptions, c
     if options.dedupe:
         dropped = {id(duplicate) for duplicate, _ in duplicates}
         rows = [row for row in rows if id(row) not in dropped]
-    _assign_splits(rows, options, has_eval_files=any(source.split == "eval" for source in sources))
+    assign_splits(rows, options.eval_fraction, has_eval_files=any(source.split == "eval" for source in sources))
     overlap = eval_in_train(rows)
     _warn_overlap(overlap, rows)
     report = _report(key, checked, rows, duplicates, overlap, options)
@@ -680,13 +302,6 @@ def _warn_overlap(overlap: list[tuple[Row, Row]], rows: list[Row]) -> None:
         "Remove them from the eval data, or set data_options.dedupe to drop them (report.json lists them under eval_rows_in_train_rows)",
         len(overlap), sum(row.split == "eval" for row in rows), ", ".join(files),
     )
-
-
-def _assign_splits(rows: list[Row], options: DataOptions, has_eval_files: bool) -> None:
-    if has_eval_files:
-        return  # rows already carry their source's split
-    for row, held_out in zip(rows, hash_split([row.fraction for row in rows], options.eval_fraction)):
-        row.split = "eval" if held_out else "train"
 
 
 # --- report and publication --------------------------------------------------------------------
@@ -755,12 +370,9 @@ def _report(
 
 
 def _publish(url: str, rows: list[Row], report: dict[str, Any]) -> DataArtifact:
-    payload = "".join(row.as_json() + "\n" for row in rows).encode("utf-8")
-    # The key downstream stages cache on covers what they read (text and split), not the
-    # `source` labels: renaming or moving a data file must not invalidate tokenization.
-    report["content_key"] = hash_bytes("".join(f"{row.split}\t{row.canonical}\n" for row in rows).encode("utf-8"))
+    report["content_key"] = content_key(rows)
     with storage.atomic_directory(url) as scratch:
-        (scratch / "data.jsonl").write_bytes(payload)
+        write_canonical(scratch / "data.jsonl", rows)
         (scratch / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     logger.info("validated %s rows (%s train, %s eval), dropped %s", report["rows_kept"], report["train_rows"], report["eval_rows"], report["rows_dropped"])
     return _artifact(url, report, store_hit=False)

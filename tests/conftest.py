@@ -72,3 +72,121 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+# --- the train stage's tiny world: tests/test_train.py, test_checkpoints.py and test_launcher.py ---
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama imported as the train stage's base model (a ModelArtifact)."""
+    from tasks.model import import_model
+
+    return import_model(str(tiny_model_dir), str(tmp_path_factory.mktemp("model-cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenized(tmp_path_factory, tiny_base):
+    """A tokenized store of 24 examples of 6-24 tokens whose prompts (no loss) and answers differ in length."""
+    import random
+
+    import datasets
+
+    from schemas.manifests import TokenizedArtifact
+    from tasks.core.collate import IGNORE_INDEX
+
+    rng = random.Random(0)
+    vocab = tiny_base.stats.get("vocab_size") or 390
+    rows = []
+    for _ in range(24):
+        length = rng.randint(6, 24)
+        prompt = rng.randint(1, length - 2)
+        ids = [rng.randrange(3, vocab) for _ in range(length)]
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:], "length": length})
+    folder = tmp_path_factory.mktemp("tokenized") / "store"
+    store = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "eval": datasets.Dataset.from_list(rows[:4])})
+    store.save_to_disk(str(folder))
+    return TokenizedArtifact(stage="tokenize-and-cache", uri=str(folder), key="tiny-tokenized", stats={})
+
+
+def train_options(**changes):
+    """TrainOptions for a few quick steps on the tiny world (LoRA rank 4, 3 steps, no warmup)."""
+    from schemas.config import LoraOptions, TrainOptions
+
+    defaults = dict(method="lora", lora=LoraOptions(r=4, alpha=8.0), learning_rate=1e-2, warmup_ratio=0.0, max_steps=3, micro_batch_size=4, seed=0)
+    return TrainOptions(**{**defaults, **changes})
+
+
+def trained_weights(artifact) -> dict:
+    """The tensors a train artifact published: the adapter (LoRA) or the whole model (full)."""
+    from safetensors.torch import load_file
+
+    folder = Path(artifact.uri)
+    path = folder / "adapter" / "adapter_model.safetensors" if artifact.method == "lora" else folder / "model" / "model.safetensors"
+    return load_file(str(path))
+
+
+def assert_same_weights(a, b, atol=1e-5) -> None:
+    import torch
+
+    wa, wb = trained_weights(a), trained_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and every live descendant, from /proc (Linux)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += parents.get(current, [])
+    return tree
+
+
+def kill_after_first_checkpoint(tokenized, base, opts, cache: Path, progress_delay_s: float = 0.0):
+    """Train in a child process that runs the training core alone (Prefect and pydantic cannot be
+    imported there, as on a bare GPU box); SIGKILL it, not its group, once the checkpoint of step
+    2 is complete. Returns the process, its descendants at the moment of the kill and the URL of
+    the entry it was building."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from dataclasses import asdict
+
+    from tasks.core import storage
+    from tasks.train import checkpoint_url, train_entry, train_spec
+
+    key, url = train_entry(tokenized, base, opts, str(cache))
+    marker = Path(checkpoint_url(str(cache), key)) / "step-00000002" / storage.COMPLETE_MARKER
+    spec_file = cache.with_name(cache.name + ".spec.json")
+    spec_file.write_text(json.dumps(asdict(train_spec(tokenized, base, opts, str(cache)))))
+    script = (
+        "import json, sys, time\n"
+        "sys.modules.update(prefect=None, pydantic=None)\n"
+        "from tasks.core.launcher import train\n"
+        "from tasks.core.trainer import TrainSpec\n"
+        f"train(TrainSpec.from_dict(json.load(open(sys.argv[1]))), progress=lambda event: time.sleep({progress_delay_s}))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script, str(spec_file)], cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert process.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        descendants = process_tree(process.pid)[1:]
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    return process, descendants, url

@@ -1,12 +1,12 @@
-"""evaluate: packed response-only loss, batched greedy generation, the quality gate, the entry on disk.
+"""evaluate: base vs tuned on the held-out rows, the quality gate, the entry on disk.
 
 Upstream artifacts (validated rows, tokenized store, trained weights) are built here by hand on the
-tiny model, so these tests depend on no other stage."""
+tiny model (`build_world`, also used by the scoring and export tests), so these tests depend on no
+other stage. The scores themselves are tested in test_scoring.py, the report in test_reporting.py."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,20 +14,10 @@ import pytest
 import torch
 
 from schemas.config import EvalOptions, GateOptions, TemplateOptions
-from schemas.manifests import DataArtifact, ModelArtifact, TokenizedArtifact, TrainArtifact
-from tasks.core import formatting
+from schemas.manifests import DataArtifact, ModelArtifact, QualityGateError, TokenizedArtifact, TrainArtifact
+from tasks.core import formatting, metrics, scoring
 from tasks.core.collate import IGNORE_INDEX, pack_examples
-from tasks.evaluate import (
-    QualityGateError,
-    check_gate,
-    enforce_gate,
-    eval_samples,
-    evaluate_models,
-    evaluate_task,
-    generate,
-    metric_rows,
-    response_loss,
-)
+from tasks.evaluate import check_gate, eval_samples, evaluate_models, evaluate_task
 from tests.conftest import ALPACA_ROWS
 
 TEMPLATE = TemplateOptions(max_length=128)
@@ -40,11 +30,15 @@ def chat(row: dict) -> list[dict]:
 
 
 def write_rows(folder: Path) -> DataArtifact:
-    """All 8 demo rows for training, the first 4 again as eval rows (a tuned model must improve on them)."""
+    """All 8 demo rows for training, the first 4 again as eval rows (a tuned model must improve on
+    them), and the fields of a validation report that export reads."""
     rows = [{"messages": chat(r), "split": "train", "source": f"demo.json:{i}"} for i, r in enumerate(ALPACA_ROWS)]
     rows[2:2] = [{"messages": chat(r), "split": "eval", "source": f"demo.json:{i}"} for i, r in enumerate(ALPACA_ROWS[:4])]
     path = folder / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = {"files": [{"file": "demo.json", "split": "train", "format": "alpaca", "rows": 8}],
+              "split_rule": "content hash < eval_fraction=0.1", "options": {"eval_fraction": 0.1}}
+    (folder / "report.json").write_text(json.dumps(report))
     return DataArtifact(stage="validate-data", uri=str(path), key="data-key", report_uri=str(folder / "report.json"))
 
 
@@ -121,39 +115,6 @@ def world(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
     return build_world(tmp_path_factory.mktemp("eval-world"), tiny_model_dir)
 
 
-@pytest.fixture(scope="module")
-def base_model(tiny_model_dir):
-    from tasks.core.modeling import load_causal_lm
-
-    return load_causal_lm(tiny_model_dir)
-
-
-def test_packed_loss_is_token_weighted_over_responses_and_matches_one_example_at_a_time(world, base_model):
-    examples = world.splits["train"]
-    packed = response_loss(base_model, examples, batch_size=4)
-    single = response_loss(base_model, examples, batch_size=1)
-    nll, tokens = 0.0, 0
-    with torch.no_grad():
-        for example in examples:
-            labels = torch.tensor([example["labels"]])
-            count = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            nll += base_model(input_ids=torch.tensor([example["input_ids"]]), labels=labels).loss.item() * count
-            tokens += count
-    assert packed["eval_tokens"] == single["eval_tokens"] == tokens
-    assert packed["eval_examples"] == len(examples)
-    assert packed["eval_loss"] == pytest.approx(nll / tokens, abs=1e-4)
-    assert single["eval_loss"] == pytest.approx(nll / tokens, abs=1e-4)
-    assert packed["perplexity"] == pytest.approx(math.exp(packed["eval_loss"]))
-
-
-def test_batched_left_padded_generation_equals_one_prompt_at_a_time(world, base_model):
-    prompts = [formatting.render_prompt_ids(s["messages"], world.tokenizer, TEMPLATE) for s in eval_samples(world.data.uri, 4)]
-    assert len({len(p) for p in prompts}) > 1  # different lengths, so left padding is exercised
-    batched = generate(base_model, world.tokenizer, prompts, max_new_tokens=5, batch_size=4)
-    alone = [generate(base_model, world.tokenizer, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
-    assert batched == alone
-
-
 def test_eval_samples_are_the_first_eval_rows_in_file_order(tmp_path):
     rows = [
         {"messages": [{"role": "user", "content": "skip"}, {"role": "assistant", "content": "train row"}], "split": "train"},
@@ -190,9 +151,7 @@ def test_a_tuned_model_that_improves_passes_and_the_entry_is_complete(world, tmp
     assert (folder / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (folder / "report.md").read_text()
     assert "| eval_loss |" in report and "| prompt | reference | base | tuned |" in report and "loss_curve.png" in report
-    rows = metric_rows(base, tuned)
-    assert rows[0]["metric"] == "eval_loss" and rows[0]["delta"] < 0
-    enforce_gate(result)  # passes silently
+    result.require_passed()  # passes silently
 
     again = evaluate_task.fn(world.data, world.tokenized, world.model, world.good, OPTIONS, TEMPLATE, str(tmp_path / "cache"))
     assert again.store_hit and again.key == result.key and again.stats == result.stats and again.passed
@@ -204,18 +163,33 @@ def test_the_gate_blocks_a_scrambled_model(world, tmp_path):
     base, tuned = result.stats["base"]["eval_loss"], result.stats["tuned"]["eval_loss"]
     assert tuned > base
     with pytest.raises(QualityGateError) as raised:
-        enforce_gate(result)
+        result.require_passed()
     message = str(raised.value)
     assert "eval_loss" in message and f"{base:.4f}" in message and f"{tuned:.4f}" in message and "max_regression 0" in message
     gate = json.loads((Path(result.uri) / "gate.json").read_text())
     assert gate["passed"] is False and gate["metric"] == "eval_loss"
 
 
-def test_lora_runs_are_evaluated_as_base_plus_adapter(world, tmp_path):
-    options = OPTIONS.model_copy(update={"gate": GateOptions(metric="token_f1", max_regression=None, min_value=0.0)})
+def test_lora_runs_are_evaluated_as_base_plus_adapter_and_gated_on_what_they_score(world, tiny_model_dir, tmp_path):
+    """Before: a token_f1 >= 0 gate, which every model passes. Now: the scores are those of base +
+    adapter loaded independently, and the same scores pass one gate and fail another."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    options = OPTIONS.model_copy(update={"gate": GateOptions(metric="eval_loss", max_regression=0.0)})
     result = evaluate_models(world.data, world.tokenized, world.model, world.lora, options, TEMPLATE, str(tmp_path / "cache"))
-    assert result.passed and "token_f1" in result.gate_message
-    assert result.stats["tuned"]["eval_loss"] != result.stats["base"]["eval_loss"]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), use_safetensors=True)
+    adapted = PeftModel.from_pretrained(base, str(Path(world.lora.uri) / "adapter")).eval()
+    expected = scoring.response_loss(adapted, world.splits["eval"], batch_size=4)
+    tuned = result.stats["tuned"]
+    assert tuned["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
+    answers = [g["tuned"] for g in json.loads((Path(result.uri) / "generations.json").read_text())]
+    prompts = [scoring.prompt_ids(s["messages"], world.tokenizer, TEMPLATE, 6) for s in eval_samples(world.data.uri, 3)]
+    assert answers == scoring.generate(adapted, world.tokenizer, prompts, 6, 4)
+    assert tuned["token_f1"] == pytest.approx(metrics.score_generations(answers, [r["output"] for r in ALPACA_ROWS[:3]])["token_f1"])
+    assert tuned["eval_loss"] < result.stats["base"]["eval_loss"] and result.passed, result.gate_message  # it learned
+    stricter = GateOptions(metric="eval_loss", max_regression=None, max_value=tuned["eval_loss"] - 1e-3)
+    assert check_gate(result.stats["base"], tuned, stricter)[0] is False
 
 
 def test_disabled_evaluation_passes_without_computing(world, tmp_path):

@@ -1,5 +1,7 @@
 """export: the release loads and generates, merged LoRA equals base + adapter, the release is
-published atomically (an interrupted export keeps the previous one), memory:// works."""
+published atomically (an interrupted export keeps the previous one), memory:// works, the output
+and the cache are reached with their own storage options, and the release key ignores placement.
+The model card's text is tested in test_model_card.py."""
 
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from schemas.config import EvalOptions, SFTConfig, TemplateOptions
+from schemas.manifests import QualityGateError, ReleaseInputs
 from tasks import export
 from tasks.core import formatting, hashing, storage
-from tasks.evaluate import QualityGateError, evaluate_models
-from tasks.export import export_release, export_task, release_tokenizer
+from tasks.evaluate import evaluate_models
+from tasks.export import export_key, export_release, export_task, release_tokenizer
 from tests.test_evaluate import TEMPLATE, build_world
 from tests.tiny import build_tokenizer
 
@@ -36,6 +39,9 @@ def world(tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
     world = build_world(tmp, tiny_model_dir, kinds=("good", "lora"))
     options = EvalOptions(batch_size=4, num_generate=2, max_new_tokens=4)
     world.evaluation = evaluate_models(world.data, world.tokenized, world.model, world.lora, options, TEMPLATE, str(tmp / "cache"))
+    # What the flow hands export when eval.enabled is off: a passing evaluation that measured nothing.
+    disabled = options.model_copy(update={"enabled": False})
+    world.disabled = evaluate_models(world.data, world.tokenized, world.model, world.lora, disabled, TEMPLATE, str(tmp / "cache"))
     return world
 
 
@@ -51,11 +57,18 @@ def make_config(world, output: str, method: str = "lora", **export_options) -> S
     })
 
 
-def run_export(world, config: SFTConfig, trained=None, evaluation="default"):
+def release_inputs(world, config: SFTConfig, trained=None, evaluation=None) -> ReleaseInputs:
     trained = trained or (world.lora if config.train.method == "lora" else world.good)
-    evaluation = world.evaluation if evaluation == "default" else evaluation
-    manifest = {"status": "completed", "config": config.model_dump(mode="json"), "stages": {"train": {"key": trained.key}}}
-    return export_release(config, world.model, trained, evaluation, world.data, world.tokenized, manifest)
+    return ReleaseInputs(model=world.model, data=world.data, tokenized=world.tokenized, trained=trained,
+                         evaluation=evaluation or world.evaluation)
+
+
+def run_export(world, config: SFTConfig, trained=None, evaluation=None, task=export_release):
+    """Export as the flow calls it: the config's slices, and its redacted dump in the run manifest."""
+    inputs = release_inputs(world, config, trained, evaluation)
+    manifest = {"status": "completed", "config": config.redacted_dump(), "stages": {"train": {"key": inputs.trained.key}}}
+    return task(inputs, config.output_target, config.export, config.train, config.template, manifest,
+                config.trust_remote_code, config.cache_storage_options)
 
 
 def test_lora_release_loads_generates_and_its_merged_model_equals_base_plus_adapter(world, tmp_path):
@@ -89,7 +102,7 @@ def test_lora_release_loads_generates_and_its_merged_model_equals_base_plus_adap
 
     manifest = json.loads((release / "run_manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["stages"] == {"train": {"key": "lora-key"}}
-    assert manifest["config"] == config.model_dump(mode="json")
+    assert manifest["config"] == config.redacted_dump()
     hashes = manifest["hashes"]
     assert hashes["data"] == hashing.hash_url(world.data.uri)
     assert {"tokenizer", "base_model", "trained", "evaluation", "code_version", "release"} <= set(hashes)
@@ -104,7 +117,9 @@ def test_lora_release_loads_generates_and_its_merged_model_equals_base_plus_adap
 
 def test_full_release_is_sharded_redacts_credentials_points_latest_and_is_reused(world, tmp_path):
     config = make_config(world, str(tmp_path / "releases" / "v1"), method="full", max_shard_size="100KB", update_latest=True)
-    config.data_options.storage_options = {"token": "s3cr3t"}
+    config.data_options.storage_options = {"token": "data-s3cr3t"}
+    config.output_storage_options = {"token": "output-s3cr3t"}
+    config.cache_storage_options = {"token": "cache-s3cr3t"}
     result = run_export(world, config)
     release = Path(result.uri)
     index = json.loads((release / "model.safetensors.index.json").read_text())
@@ -115,11 +130,16 @@ def test_full_release_is_sharded_redacts_credentials_points_latest_and_is_reused
     loaded = AutoModelForCausalLM.from_pretrained(str(release), use_safetensors=True)
     for (name, expected), actual in zip(tuned.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(actual, expected, msg=name)
-    for text in ((release / "config.yaml").read_text(), (release / "run_config.json").read_text(), (release / "run_manifest.json").read_text()):
-        assert "s3cr3t" not in text
-    assert yaml.safe_load((release / "config.yaml").read_text())["data_options"]["storage_options"] == {"token": "<redacted>"}
+    for path in release.rglob("*"):
+        assert not path.is_file() or b"s3cr3t" not in path.read_bytes(), path
+    written = yaml.safe_load((release / "config.yaml").read_text())
+    assert written["data_options"]["storage_options"] == written["output_storage_options"] == {"token": "<redacted>"}
+    assert written["cache_storage_options"] == {"token": "<redacted>"}
 
-    again = run_export(world, config)
+    # Where the cache is, which node this is and how the output is reached are not the release.
+    moved = config.model_copy(update={"cache_dir": str(tmp_path / "elsewhere"), "output_storage_options": {},
+                                      "train": config.train.model_copy(update={"node_rank": 1, "rdzv_endpoint": "10.0.0.1:29400"})})
+    again = run_export(world, moved)
     assert again.store_hit and again.key == result.key
 
 
@@ -141,16 +161,18 @@ def test_an_export_interrupted_midway_leaves_the_previous_release_intact(world, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]  # no half-written sibling left behind
 
 
-def test_export_to_memory_url(world):
+def test_export_to_memory_url_of_a_run_without_evaluation(world):
     output = f"memory://releases/{uuid.uuid4().hex}/run"
     config = make_config(world, output, update_latest=True)
-    result = export_task.fn(config, world.model, world.lora, None, world.data, world.tokenized, {"status": "completed"})
+    result = run_export(world, config, evaluation=world.disabled, task=export_task.fn)
     fs, path = storage.filesystem(output)
     assert storage.is_complete(output)
-    for name in ("model.safetensors", "adapter/adapter_model.safetensors", "tokenizer.json", "README.md", "run_manifest.json"):
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors", "tokenizer.json", "README.md", "run_manifest.json",
+                 "eval/gate.json", "eval/report.md"):
         assert fs.exists(f"{path}/{name}"), name
-    assert not fs.exists(f"{path}/eval")  # evaluation disabled: nothing to copy
-    assert "Not evaluated" in storage.read_text(storage.join(output, "README.md"))
+    assert "Quality gate **passed**: evaluation disabled" in storage.read_text(storage.join(output, "README.md"))
+    gate = storage.read_json(storage.join(output, "run_manifest.json"))["release"]["gate"]
+    assert gate == {"passed": True, "message": world.disabled.gate_message}
     with fsspec.open(output.rsplit("/", 1)[0] + "/LATEST", "r") as handle:
         assert handle.read() == "run\n"
     local = storage.local_copy(output)
@@ -165,12 +187,45 @@ def test_an_evaluation_that_failed_the_gate_is_never_exported(world, tmp_path):
     assert not (tmp_path / "release").exists()
 
 
+def test_the_output_and_the_cache_are_reached_with_their_own_storage_options(world, monkeypatch):
+    output = f"memory://releases/{uuid.uuid4().hex}/run"
+    config = make_config(world, output, update_latest=True)
+    config.output_storage_options, config.cache_storage_options = {"token": "for-output"}, {"token": "for-cache"}
+    config.data_options.storage_options = {"token": "for-data"}
+    calls, real = [], storage.filesystem
+    monkeypatch.setattr(storage, "filesystem", lambda url, options=None: calls.append((url, options)) or real(url, options))
+    run_export(world, config)
+    parent = output.rsplit("/", 1)[0]
+    assert {str(options) for url, options in calls if url.startswith(parent)} == {str(config.output_storage_options)}
+    cache_urls = (str(world.tmp), world.model.uri)  # the stages' entries this test built by hand
+    assert {str(options) for url, options in calls if url.startswith(cache_urls)} == {str(config.cache_storage_options)}
+
+
+def test_the_release_key_covers_what_the_release_holds_and_nothing_about_placement(world):
+    config = make_config(world, "out")
+    inputs = release_inputs(world, config)
+
+    def key(config: SFTConfig, inputs: ReleaseInputs = inputs) -> str:
+        return export_key(inputs, config.export, config.train, config.template, config.trust_remote_code)
+
+    def changed(**update) -> SFTConfig:
+        sections = {name: getattr(config, name).model_copy(update=values) for name, values in update.items()}
+        return config.model_copy(update=sections)
+
+    same = [changed(train={"node_rank": 3}), changed(train={"rdzv_endpoint": "10.0.0.1:1"}), changed(export={"update_latest": True})]
+    assert {key(c) for c in same} == {key(config)}
+    different = [changed(train={"seed": 7}), changed(template={"max_length": 64}), changed(export={"max_shard_size": "1GB"}),
+                 changed(export={"merge_lora": False}), config.model_copy(update={"trust_remote_code": True})]
+    keys = [key(c) for c in different] + [key(config, inputs.model_copy(update={"evaluation": world.disabled}))]
+    assert len(set(keys)) == len(keys) and key(config) not in keys
+
+
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_a_plain_template_release_renders_prompts_exactly_as_training(tmp_path, add_bos):
     folder = tmp_path / "plain"
     build_tokenizer(folder, chat_template=None, add_bos=add_bos)
     config = SFTConfig(template=TemplateOptions(chat_template="auto", max_length=128))
-    tokenizer, matches = release_tokenizer(folder, config)
+    tokenizer, matches = release_tokenizer(folder, config.template)
     assert matches
     original = formatting.load_tokenizer(folder)
     conversation = [*PROBE, {"role": "assistant", "content": "Blue."}]

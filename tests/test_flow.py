@@ -49,15 +49,24 @@ def first_run(prefect_harness, tiny_model_dir, tmp_path_factory):
     return config, sft(config)
 
 
-def test_full_run_exports_a_model_that_loads_and_generates(first_run):
+def test_full_run_exports_the_model_it_trained(first_run):
+    """Before: `shape == +3 or last == eos`, true of almost any model. Now: the release is the base
+    model plus the adapter that train wrote, logit for logit and token for token."""
+    from peft import PeftModel
+
     config, manifest = first_run
     assert manifest["status"] == "completed"
-    model = AutoModelForCausalLM.from_pretrained(config.output)
+    release = AutoModelForCausalLM.from_pretrained(config.output, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(config.output)
+    base = AutoModelForCausalLM.from_pretrained(config.model, use_safetensors=True)
+    tuned = PeftModel.from_pretrained(base, str(Path(manifest["stages"]["train"]["uri"]) / "adapter")).eval()
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    generated = model.generate(**prompt, max_new_tokens=3, do_sample=False)
-    assert generated.shape[1] == prompt["input_ids"].shape[1] + 3 or generated[0, -1] == tokenizer.eos_token_id
-    assert torch.isfinite(model(**prompt).logits).all()
+    with torch.no_grad():
+        torch.testing.assert_close(release(**prompt).logits, tuned(**prompt).logits, atol=1e-5, rtol=1e-5)
+    greedy = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+    generated = release.generate(**prompt, **greedy)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 3
+    assert torch.equal(generated, tuned.generate(**prompt, **greedy))
 
 
 def test_run_manifest_records_every_stage(first_run):
@@ -68,7 +77,7 @@ def test_run_manifest_records_every_stage(first_run):
         entry = written["stages"][stage]
         assert entry["cache"] == "miss"
         assert entry["key"] and entry["uri"] and entry["wall_s"] >= 0
-    assert written["config"] == config.model_dump(mode="json")
+    assert written["config"] == config.redacted_dump()
 
 
 def test_second_run_with_nothing_changed_hits_every_cache(first_run):

@@ -14,6 +14,8 @@ import torch
 
 from tasks.core import trainer
 from tasks.core.collate import IGNORE_INDEX, pack_examples
+from tasks.core.modeling import unwrap
+from tasks.core.train_settings import TrainSettings
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -32,16 +34,16 @@ def rows(tiny_model_dir) -> trainer.TokenRows:
 
 
 def session(tiny_model_dir, rows, tmp_path, **changes) -> trainer.Session:
-    options = trainer.default_options(max_steps=3, micro_batch_size=4, seed=0, **changes)
-    spec = trainer.TrainSpec(str(tiny_model_dir), "", str(tmp_path / "out"), str(tmp_path / "ckpt"), options, 1e-3)
-    return trainer.Session(spec, trainer.start_runtime(options), rows)
+    settings = TrainSettings(max_steps=3, micro_batch_size=4, seed=0, learning_rate=1e-3, **changes)
+    spec = trainer.TrainSpec(str(tiny_model_dir), "", str(tmp_path / "out"), str(tmp_path / "ckpt"), settings)
+    return trainer.Session(spec, trainer.start_runtime(settings), rows)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_cuda_defaults_are_bf16_flex_attention_and_fused_adamw(method, tiny_model_dir, rows, tmp_path):
     run = session(tiny_model_dir, rows, tmp_path, method=method)
     assert (run.rt.device.type, run.rt.precision) == ("cuda", "bf16")
-    assert trainer.base_model(run.model).config._attn_implementation == "flex_attention"
+    assert unwrap(run.model).config._attn_implementation == "flex_attention"
     assert run.row_tokens is None  # flex skips the blocks between examples: one row per micro-batch
     assert run.optimizer.defaults.get("fused") is True
     assert not run.compiled  # 3 steps are too short to repay compilation

@@ -1,42 +1,26 @@
-"""validate-data: every format and file type onto the canonical rows; every bad row named."""
+"""validate-data: every format onto the canonical rows, every bad row named, the entry keyed by the
+bytes it parsed. Reading files is tests/test_readers.py; splits and duplicates tests/test_rows.py."""
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import json
 import logging
-import os
-import uuid
 
 import fsspec
-import pyarrow
-import pyarrow.parquet
 import pytest
-from fsspec.spec import AbstractFileSystem
 
 from schemas.config import DataOptions
-from tasks.core import embedded, storage
+from tasks.core import storage
 from tasks.validate import (
     DataValidationError,
-    hash_split,
     report_table,
     validate_data,
     validate_entry,
     validate_task,
 )
 from tests.conftest import ALPACA_ROWS
+from tests.test_readers import CHAT_ROW, GOOD, encode, mem, put  # noqa: F401 - mem is a fixture
 
-CHAT_ROW = {
-    "messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Name?"},
-        {"role": "assistant", "content": "Fennec."},
-    ]
-}
 EXPECTED_FIRST = [
     {"role": "user", "content": "What is the capital of France?"},
     {"role": "assistant", "content": "The capital of France is Paris."},
@@ -44,42 +28,8 @@ EXPECTED_FIRST = [
 
 
 @pytest.fixture()
-def mem():
-    """A fresh memory:// folder, removed afterwards (the memory filesystem is process-wide)."""
-    root = f"memory://validate-{uuid.uuid4().hex[:8]}"
-    yield root
-    fs, path = storage.filesystem(root)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
-@pytest.fixture()
 def cache(tmp_path):
     return str(tmp_path / "cache")
-
-
-def encode(rows: list, kind: str) -> bytes:
-    if kind == "json":
-        return json.dumps(rows, indent=2).encode()
-    if kind in ("jsonl", "jsonl.gz"):
-        data = "".join(json.dumps(row) + "\n" for row in rows).encode()
-        return gzip.compress(data) if kind == "jsonl.gz" else data
-    if kind == "csv":
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        return text.getvalue().encode()
-    buffer = io.BytesIO()
-    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), buffer)
-    return buffer.getvalue()
-
-
-def put(url: str, content: bytes | str | list, kind: str = "json") -> str:
-    data = content.encode() if isinstance(content, str) else content if isinstance(content, bytes) else encode(content, kind)
-    with fsspec.open(url, "wb") as handle:
-        handle.write(data)
-    return url
 
 
 def run(urls: list[str], cache: str, eval_urls: list[str] = (), **options):
@@ -155,15 +105,7 @@ def test_named_format_matches_auto_and_is_enforced(mem, cache):
     assert "missing column(s) 'prompt', 'completion'" in message and "a.json" in message
 
 
-# --- file types and sources --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["json", "jsonl", "jsonl.gz", "csv", "parquet"])
-def test_every_file_type_gives_the_same_rows(mem, cache, kind):
-    _, out = run([put(f"{mem}/rows.{kind}", ALPACA_ROWS, kind)], cache, eval_fraction=0.0)
-    assert len(out) == len(ALPACA_ROWS)
-    assert out[0]["messages"] == EXPECTED_FIRST
-    assert out[1]["messages"][0]["content"] == "Translate to French.\n\nhello"
+# --- sources -----------------------------------------------------------------------------------
 
 
 def test_local_path_and_file_url(tmp_path, cache):
@@ -174,44 +116,7 @@ def test_local_path_and_file_url(tmp_path, cache):
     assert by_path.key == by_url.key and by_path.stats["rows_kept"] == len(ALPACA_ROWS)
 
 
-def test_glob_reads_several_files_in_sorted_order(mem, cache):
-    put(f"{mem}/part-2.jsonl", ALPACA_ROWS[4:], "jsonl")
-    put(f"{mem}/part-1.json", ALPACA_ROWS[:4])
-    artifact, out = run([f"{mem}/part-*"], cache, eval_fraction=0.0)
-    assert artifact.stats["rows_read"] == len(ALPACA_ROWS)
-    assert out[0]["messages"] == EXPECTED_FIRST and out[0]["source"].endswith("part-1.json:0")
-    assert out[-1]["source"].endswith("part-2.jsonl:3")
-
-
-def test_hub_id_goes_to_load_dataset(monkeypatch, cache):
-    import datasets
-
-    calls = []
-
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
-        return datasets.Dataset.from_list(ALPACA_ROWS)
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    artifact, out = run(["someone/alpaca-demo"], cache, hf_split="train[:8]")
-    assert calls == [("someone/alpaca-demo", "train[:8]")]
-    assert artifact.stats["rows_kept"] == len(ALPACA_ROWS)
-    assert out[0]["source"] == "someone/alpaca-demo[train[:8]]:0"
-
-
-def test_embedded_dataset_brings_its_eval_file(monkeypatch, tmp_path, cache):
-    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
-    train.write_bytes(encode([CHAT_ROW], "jsonl"))
-    held_out.write_bytes(encode([{"messages": CHAT_ROW["messages"][1:3]}], "jsonl"))
-    monkeypatch.setitem(embedded.EMBEDDED_DATASETS, "embedded:identity-demo", (train, held_out))
-    artifact, out = run(["embedded:identity-demo"], cache)
-    assert [row["split"] for row in out] == ["train", "eval"]
-    assert artifact.stats["train_rows"] == artifact.stats["eval_rows"] == 1
-
-
-# --- bad rows ----------------------------------------------------------------------------------
-
-GOOD = {"instruction": "Q?", "output": "A."}
+# --- bad rows and bad files --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -241,37 +146,6 @@ def test_missing_column_names_file_and_column(mem, cache):
     assert message.startswith(f"{mem}/m.json: missing column(s) 'output'")
 
 
-def test_json_array_rows_give_their_line(mem, cache):
-    url = put(f"{mem}/a.json", [GOOD, {"instruction": "Q?", "output": 1}])
-    assert f"{url} row 1 (0-based), line 6, column 'output'" in fails([url], cache)
-
-
-@pytest.mark.parametrize(
-    "name, content, problem",
-    [
-        ("broken.json", '[{"instruction": "Q?",', "not valid JSON"),
-        ("broken.jsonl", '{"prompt": "a", "completion": "b"}\n{oops}\n', "not valid JSON Lines: line 2"),
-        ("latin1.jsonl", '{"prompt": "caf\xe9", "completion": "b"}\n'.encode("latin-1"), "not UTF-8 text (byte 0xe9"),
-        ("empty.jsonl", "", "the file is empty"),
-        ("blank.json", "  \n", "the file is empty"),
-        ("none.json", "[]", "the file has no rows"),
-        ("header.csv", "instruction,output\n", "the file has no rows"),
-        ("broken.jsonl.gz", b"not gzip", "not valid gzip data"),
-        ("broken.parquet", b"PAR1 not parquet", "not a valid Parquet file"),
-        ("notes.txt", "plain text", "unsupported file type"),
-    ],
-)
-def test_unreadable_file_is_one_clear_line(mem, cache, name, content, problem):
-    url = put(f"{mem}/{name}", content)
-    message = fails([url], cache)
-    assert message.startswith(f"{url}: ") and problem in message and "\n" not in message
-
-
-def test_glob_matching_nothing_and_missing_file(mem, cache):
-    assert "the glob matched no files" in fails([f"{mem}/*.jsonl"], cache)
-    assert "no such file" in fails([f"{mem}/absent.jsonl"], cache)
-
-
 def test_fail_lists_twenty_rows_and_reports_them_all(mem, cache):
     rows = [GOOD] + [{"instruction": index, "output": "A."} for index in range(25)]
     message = fails([put(f"{mem}/many.jsonl", rows, "jsonl")], cache)
@@ -293,6 +167,15 @@ def test_drop_removes_counts_and_reports_bad_rows(mem, cache):
     ]
 
 
+def test_every_unreadable_file_is_named_in_one_error(mem, cache):
+    """Each file the readers refuse is one line, prefixed with its name; the good file passes."""
+    good = put(f"{mem}/good.jsonl", [GOOD], "jsonl")
+    empty, broken = put(f"{mem}/empty.jsonl", ""), put(f"{mem}/broken.json", '[{"instruction": "Q?",')
+    lines = fails([good, empty, broken], cache).splitlines()
+    assert len(lines) == 2 and lines[0] == f"{empty}: the file is empty"
+    assert lines[1].startswith(f"{broken}: not valid JSON")
+
+
 # --- duplicates, split, keys -------------------------------------------------------------------
 
 
@@ -305,26 +188,6 @@ def test_duplicates_are_reported_and_dropped_on_request(mem, cache):
     assert deduped.stats["dropped_by_reason"] == {"duplicate": 2}
     report = storage.read_json(deduped.report_uri)
     assert report["duplicate_rows"][0] == {"row": f"{url}:8", "same_as": f"{url}:0"}
-
-
-def test_eval_split_is_deterministic_and_disjoint(mem, cache, tmp_path):
-    rows = [{"prompt": f"question {index}", "completion": f"answer {index}"} for index in range(200)]
-    url = put(f"{mem}/many.jsonl", rows + rows[:10], "jsonl")
-    _, first = run([url], cache, eval_fraction=0.2)
-    _, again = run([url], str(tmp_path / "other-cache"), eval_fraction=0.2)
-    assert [row["split"] for row in first] == [row["split"] for row in again]
-    held_out = {json.dumps(row["messages"]) for row in first if row["split"] == "eval"}
-    trained = {json.dumps(row["messages"]) for row in first if row["split"] == "train"}
-    assert not held_out & trained  # duplicates land on the same side
-    assert 20 < len(held_out) < 60
-
-
-def test_hash_split_keeps_one_row_on_each_side():
-    assert hash_split([0.9, 0.8, 0.7], 0.1) == [False, False, True]
-    assert hash_split([0.01, 0.02], 0.5) == [True, False]
-    assert hash_split([0.3, 0.3], 0.1) == [False, True]
-    assert hash_split([0.01], 0.5) == [False]
-    assert hash_split([0.01, 0.9], 0.0) == [False, False]
 
 
 def test_eval_files_are_the_eval_split(mem, cache):
@@ -362,13 +225,11 @@ def test_entry_is_reused_and_artifact_key_is_the_content_hash(mem, cache, tmp_pa
 def test_each_file_is_read_once_and_keyed_by_the_bytes_that_were_parsed(mem, cache, monkeypatch):
     """A file rewritten between Prefect's cache-key hash and the stage's read is stored under the
     key of what was parsed, never under the old content's key."""
-    import tasks.validate as stage
-
     url = put(f"{mem}/a.jsonl.gz", ALPACA_ROWS, "jsonl.gz")
     old_key, _ = validate_entry([url], [], DataOptions(), cache)  # what Prefect's key function saw
     put(url, ALPACA_ROWS[:2], "jsonl.gz")  # the file changes before the stage reads it
     opened, real_open = [], fsspec.open
-    monkeypatch.setattr(stage.fsspec, "open", lambda target, *a, **k: opened.append(target) or real_open(target, *a, **k))
+    monkeypatch.setattr(fsspec, "open", lambda target, *a, **k: opened.append(target) or real_open(target, *a, **k))
     artifact, rows = run([url], cache)
     assert opened.count(url) == 1
     new_key, _ = validate_entry([url], [], DataOptions(), cache)
@@ -409,7 +270,6 @@ def test_a_file_changed_after_prefect_hashed_it_is_never_recorded_under_the_old_
     assert [validate_once() for _ in range(2)] == [len(ALPACA_ROWS)] * 2
 
 
-
 def test_task_wrapper_runs_outside_a_flow(mem, cache):
     artifact = validate_task.fn([put(f"{mem}/a.json", ALPACA_ROWS)], [], DataOptions(), cache)
     assert artifact.stage == "validate-data" and artifact.stats["rows_kept"] == len(ALPACA_ROWS)
@@ -424,123 +284,6 @@ def test_bad_data_is_not_retried():
     assert validate_task.retry_condition_fn is retry_transient
     assert not retry_transient(None, None, Failed(data=DataValidationError("bad")))
     assert retry_transient(None, None, Failed(data=ConnectionError("flaky")))
-
-
-def test_parquet_chat_and_a_folder_of_files(mem, cache):
-    put(f"{mem}/folder/chat.parquet", [CHAT_ROW], "parquet")
-    put(f"{mem}/folder/notes.txt", "not data")
-    _, out = run([f"{mem}/folder"], cache)
-    assert [row["messages"] for row in out] == [CHAT_ROW["messages"]]
-
-
-# --- special files and hostile content ---------------------------------------------------------
-
-
-@pytest.mark.timeout(30)
-def test_fifo_is_refused_before_it_is_opened(tmp_path, cache):
-    """Opening a FIFO blocks until a writer comes: it must be refused unopened, also by the key."""
-    fifo = tmp_path / "pipe.jsonl"
-    os.mkfifo(fifo)
-    assert fails([str(fifo)], cache).startswith(f"{fifo}: not a regular file (a FIFO)")
-    with pytest.raises(DataValidationError, match="not a regular file"):
-        validate_entry([str(fifo)], [], DataOptions(), cache)  # Prefect's cache key reads files too
-
-
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize("pattern", ["{folder}", "{folder}/*.jsonl"], ids=["folder", "glob"])
-def test_fifo_inside_a_folder_or_glob_is_refused(tmp_path, cache, pattern):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    (folder / "a.jsonl").write_bytes(encode(ALPACA_ROWS, "jsonl"))
-    os.mkfifo(folder / "b.jsonl")
-    assert f"{folder}/b.jsonl: not a regular file (a FIFO)" in fails([pattern.format(folder=folder)], cache)
-
-
-@pytest.mark.timeout(30)
-@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
-def test_character_device_is_refused_directly_or_through_a_link(tmp_path, cache):
-    """/dev/zero never ends: reading it would fill the memory (and ignore SIGTERM meanwhile)."""
-    link = tmp_path / "zero.jsonl"
-    link.symlink_to("/dev/zero")
-    for url in (str(link), "/dev/zero"):
-        assert fails([url], cache).startswith(f"{url}: not a regular file (a character device)")
-
-
-def test_symlink_loop_is_named_as_such(tmp_path, cache):
-    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    first.symlink_to(second)
-    second.symlink_to(first)
-    message = fails([str(first)], cache)
-    assert message.startswith(f"{first}: symlink loop") and "no such file" not in message
-    assert "symlink loop" in fails([f"{tmp_path}/*.jsonl"], cache)
-
-
-class EndlessFileSystem(AbstractFileSystem):
-    """An object store whose objects report `size` bytes (or none) but stream zeros for ever."""
-
-    protocol = "endless"
-    size_reported: int | None = 64
-
-    def info(self, path, **kwargs):
-        return {"name": path, "size": self.size_reported, "type": "file"}
-
-    def _open(self, path, mode="rb", **kwargs):
-        class Zeros(io.RawIOBase):
-            def readable(self):
-                return True
-
-            def readinto(self, buffer):  # a trickle: without the bound, memory grows slowly
-                buffer[:16] = bytes(min(16, len(buffer)))
-                return min(16, len(buffer))
-
-        return io.BufferedReader(Zeros())
-
-
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize("size, problem", [(64, "more than the 64 bytes"), (None, "reports no size")])
-def test_remote_object_is_read_no_further_than_its_reported_size(cache, monkeypatch, size, problem):
-    fsspec.register_implementation("endless", EndlessFileSystem, clobber=True)
-    monkeypatch.setattr(EndlessFileSystem, "size_reported", size)
-    url = "endless://bucket/rows.jsonl"
-    message = fails([url], cache)
-    assert message.startswith(f"{url}: ") and problem in message
-    with pytest.raises(DataValidationError, match=problem):
-        validate_entry([url], [], DataOptions(), cache)
-
-
-DEEP = "[" * 10_000 + "]" * 10_000
-ROW = '{"instruction": "Q?", "output": "A."}'
-JSON_CASES = [
-    ("deep.jsonl", f'{ROW}\n{{"instruction": {DEEP}, "output": "A."}}\n', "row 1 (0-based), line 2", "nested too deeply"),
-    ("deep.json", f'[{ROW},\n {{"instruction": {DEEP}, "output": "A."}}]', "row 1 (0-based), line 2", "nested too deeply"),
-    ("nan.jsonl", f'{ROW}\n{{"instruction": "Q?", "input": NaN, "output": "A."}}\n', "row 1 (0-based), line 2", "NaN is not valid JSON"),
-    ("nan.json", f'[\n  {ROW},\n  {{"instruction": "Q?", "input": NaN, "output": "A."}}\n]', "row 1 (0-based), line 3", "NaN is not valid JSON"),
-    ("inf.jsonl", '{"instruction": "Q?", "input": Infinity, "output": "A."}\n', "row 0 (0-based), line 1", "Infinity is not valid JSON"),
-    ("minus-inf.json", '[{"instruction": "Q?", "input": -Infinity, "output": "A."}]', "row 0 (0-based), line 1", "-Infinity is not"),
-    ("twice.jsonl", f'{ROW}\n{{"instruction": "a", "instruction": "b", "output": "A."}}\n', "row 1 (0-based), line 2", "key 'instruction' appears twice"),
-    ("twice.json", '[{"messages": [{"role": "user", "content": "Q", "content": "R"}]}]', "row 0 (0-based), line 1", "key 'content' appears twice"),
-]
-
-
-@pytest.mark.parametrize("name, content, where, problem", JSON_CASES, ids=[case[0] for case in JSON_CASES])
-def test_json_that_python_would_accept_or_choke_on_is_refused_by_row_and_line(mem, cache, name, content, where, problem):
-    url = put(f"{mem}/{name}", content)
-    message = fails([url], cache)
-    assert message.startswith(f"{url}: {where}: ") and problem in message and "\n" not in message
-
-
-@pytest.mark.parametrize(
-    "name, content, problem",
-    [
-        ("rows.json", encode(ALPACA_ROWS, "parquet"), "a Parquet file: name it rows.parquet"),
-        ("rows.jsonl", encode(ALPACA_ROWS, "jsonl.gz"), "gzip-compressed: name it rows.jsonl.gz"),
-    ],
-    ids=["parquet", "gzip"],
-)
-def test_binary_content_under_a_text_name_says_what_it_is(mem, cache, name, content, problem):
-    url = put(f"{mem}/{name}", content)
-    message = fails([url], cache)
-    assert message.startswith(f"{url}: ") and problem in message and "UTF-8" not in message
 
 
 def test_float_nan_in_an_optional_text_column_is_not_a_missing_value(mem, cache):
@@ -563,4 +306,4 @@ def test_eval_rows_that_are_training_rows_are_counted_and_named(mem, cache, capl
     same, _ = run([train], cache, eval_urls=[train])  # --eval_data equal to --data
     assert same.stats["eval_rows_in_train"] == same.stats["eval_rows"] == len(ALPACA_ROWS)
     split, _ = run([train], cache, eval_fraction=0.3)  # a hash split never shares a row
-    assert split.stats["eval_rows_in_train"] == 0
+    assert split.stats["eval_rows_in_train"] == 0 < split.stats["eval_rows"]

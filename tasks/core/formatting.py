@@ -143,6 +143,23 @@ def render_plain(turns: Sequence[dict], add_generation_prompt: bool, eos: str) -
     return "".join(parts)
 
 
+# `render_plain` as a Jinja chat template, shipped with releases of base models that have none,
+# so `apply_chat_template` on the released tokenizer renders what training rendered. Change the
+# two together (tests/test_export.py checks they agree).
+PLAIN_CHAT_TEMPLATE = (
+    "{% set ns = namespace(previous='') %}"
+    "{% for message in messages %}"
+    "{% if ns.previous == 'assistant' %}{{ '\\n\\n' }}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('the plain template has no role ' + message['role']) }}{% endif %}"
+    "{% set ns.previous = message['role'] %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{% if ns.previous == 'assistant' %}{{ '\\n\\n' }}{% endif %}{{ '### Response:\\n' }}{% endif %}"
+)
+
+
 _FORMATTERS: "weakref.WeakKeyDictionary[object, dict[str, _Formatter]]" = weakref.WeakKeyDictionary()
 
 

@@ -61,15 +61,19 @@ def _brief(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """'auto': CUDA, else MPS, else CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def pick_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
+    """'auto': CUDA, else Apple MPS, else CPU. Training passes its LOCAL_RANK, so that under
+    torchrun each process takes its own GPU, cuda:LOCAL_RANK."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if device == "cuda" and local_rank is not None:
+        return torch.device("cuda", local_rank)
+    return torch.device(device)
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
@@ -139,5 +143,6 @@ def merge_lora(base_folder: str | Path, adapter_folder: str | Path, trust_remote
 
 
 def unwrap(model):
-    """The transformers model under a peft wrapper (the model itself otherwise)."""
+    """The transformers model inside DDP (`.module`) and peft wrappers (the model itself otherwise)."""
+    model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model

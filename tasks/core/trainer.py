@@ -1,9 +1,8 @@
 """The training core: one loop for LoRA and full fine-tuning, on one device or many.
 
 Needs torch, transformers, peft (and pyarrow + fsspec to read the tokenized store and write
-results), never Prefect, so it also runs on a bare GPU box:
-
-    python -m tasks.core.trainer --spec spec.json          # a TrainSpec as JSON
+results), never Prefect or pydantic, so it also runs on a bare GPU box. `tasks.core.launcher` runs
+it (in this process, or as torchrun's workers); `tasks.core.checkpoints` saves and restores it.
 
 What makes it fast: packed rows (examples concatenated, positions restarting, so attention stays
 block-diagonal; one row per micro-batch under flex attention, rows capped at the longest example
@@ -18,26 +17,20 @@ micro 8 x accum 1 and two ranks equal one. Every rank can count that denominator
 the data order is a pure function of (seed, epoch) and step s always takes the global batch
 positions [s * G, (s + 1) * G) of the epoch-after-epoch stream.
 
-What makes it resumable: every `checkpoint_every` steps rank 0 publishes trainable weights
-(safetensors), optimizer, scheduler, the RNG states of every rank and the loss curve so far as one
-atomic folder; a new run with the same spec starts from the newest complete one.
+What makes it resumable: every `checkpoint_every` steps a checkpoint holds everything the loop
+needs to go on (`tasks.core.checkpoints`); a new run with the same spec starts from the newest.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
 import logging
 import math
 import os
-import shutil
-import subprocess
-import sys
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,39 +39,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tasks.core import storage
-from tasks.core.processes import die_with_parent
+from tasks.core.checkpoints import Checkpoints, TrainState, load_checkpoint, save_checkpoint, unique_tensors
 from tasks.core.collate import IGNORE_INDEX, pack_examples, pack_rows, packed_shape, pad_examples
+from tasks.core.modeling import pick_device, unwrap
+from tasks.core.train_settings import TrainSettings
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
 
-EVENT_PREFIX = "@@sft-event "  # a worker's progress line on stdout, read by the launcher
-ERROR_PREFIX = "@@sft-error "  # a worker's exception, re-raised by the launcher
-EVENTS_ENV = "SFT_TRAIN_EVENTS"
 CE_CHUNK_ROWS = 4096  # rows of logits upcast to fp32 at once
 COMPILE_MIN_STEPS = 100  # compile='auto' compiles only runs at least this long
 MEMORY_HEADROOM = 0.85  # gradient_checkpointing='auto' turns on above this share of free memory
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-TRAINABLE_FILE = "trainable.safetensors"
-
-
-# schemas.config.TrainOptions' defaults as JSON, for callers without pydantic (bare GPU boxes:
-# benchmarks, tests/test_gpu.py); tests/test_train.py keeps the two equal.
-DEFAULT_OPTIONS = {
-    "method": "lora", "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-    "learning_rate": None, "lr_scheduler": "cosine", "warmup_ratio": 0.05, "max_steps": None, "epochs": 3.0,
-    "micro_batch_size": 8, "grad_accum": 1, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 42, "packing": True,
-    "device": "auto", "precision": "auto", "attention": "auto", "gradient_checkpointing": "auto", "compile": "auto",
-    "checkpoint_every": 50, "keep_checkpoints": 2, "devices": 1, "nnodes": 1, "node_rank": 0,
-    "rdzv_endpoint": "127.0.0.1:29500", "strategy": "ddp",
-}  # fmt: skip
-
-
-def default_options(**changes: Any) -> dict:
-    """A fresh copy of DEFAULT_OPTIONS with top-level changes."""
-    return {**json.loads(json.dumps(DEFAULT_OPTIONS)), **changes}
 
 
 class TrainingDivergedError(ValueError):
@@ -87,7 +60,10 @@ class TrainingDivergedError(ValueError):
 
 class WorkerError(RuntimeError):
     """A torchrun worker failed; the message is the worker's own exception. `crashed`: no worker
-    reported a Python error (a killed or preempted process), so another attempt may succeed."""
+    reported a Python error (a killed or preempted process), so another attempt may succeed.
+
+    Raised by tasks.core.launcher; it lives here, beside the core's other error, because callers
+    import both from the training core and the launcher imports this module (not the reverse)."""
 
     def __init__(self, message: str, crashed: bool = False):
         super().__init__(message)
@@ -96,16 +72,20 @@ class WorkerError(RuntimeError):
 
 @dataclass
 class TrainSpec:
-    """Everything a training process needs; JSON-able so torchrun workers read it from a file."""
+    """Everything a training process needs; JSON-able (`asdict`, `from_dict`) so torchrun workers
+    read it from a file."""
 
     model_dir: str  # local folder with config, safetensors weights and tokenizer
     data_dir: str  # local tokenized store (DatasetDict saved with save_to_disk: train/, eval/)
     output_url: str  # where rank 0 publishes adapter/ or model/, loss_curve.json, train_stats.json
     checkpoint_url: str  # step-00000050/ ... folders, each complete when its marker exists
-    options: dict  # TrainOptions.model_dump(mode="json")
-    learning_rate: float  # the resolved peak learning rate
+    settings: TrainSettings  # TrainOptions.settings()
     run_id: str = "sft"  # torchrun rendezvous id (the stage passes its content key)
     trust_remote_code: bool = False  # run the model repository's own modeling code (config.trust_remote_code)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainSpec":
+        return cls(**{**values, "settings": TrainSettings.from_dict(values["settings"])})
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -254,21 +234,6 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def resolve_device(option: str, local_rank: int = 0) -> torch.device:
-    """'auto': CUDA, else Apple MPS, else CPU; under torchrun each process takes cuda:LOCAL_RANK."""
-    if option == "auto":
-        if torch.cuda.is_available():
-            option = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            option = "mps"
-        else:
-            option = "cpu"
-    if option == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(option)
-
-
 def resolve_precision(option: str, device: torch.device) -> str:
     """'auto': bf16 on GPUs that have it (fp16 on older ones), fp32 on CPU and MPS."""
     if option != "auto":
@@ -278,18 +243,20 @@ def resolve_precision(option: str, device: torch.device) -> str:
     return "fp32"
 
 
-def start_runtime(options: dict) -> Runtime:
+def start_runtime(settings: TrainSettings) -> Runtime:
     """Read torchrun's environment and join its process group (gloo on CPU, nccl on CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(options["device"], local_rank)
+    device = pick_device(settings.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # under torchrun each process takes cuda:LOCAL_RANK
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(rank, world, local_rank, device, resolve_precision(options["precision"], device))
+    return Runtime(rank, world, local_rank, device, resolve_precision(settings.precision, device))
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -323,7 +290,7 @@ def packed_row_tokens(model: torch.nn.Module, rows: TokenRows) -> int | None:
     examples too, so their rows are capped at the longest example. Every other kernel gets one row
     per micro-batch: flex skips those blocks, and flash kernels keep examples apart only in a
     batch of one row."""
-    if base_model(model).config._attn_implementation in DENSE_ATTENTION:
+    if unwrap(model).config._attn_implementation in DENSE_ATTENTION:
         return int(rows.lengths.max())
     return None
 
@@ -334,16 +301,16 @@ def load_model(spec: TrainSpec, rt: Runtime) -> torch.nn.Module:
     LoRA keeps the frozen base in the autocast dtype and the adapters in fp32."""
     from transformers import AutoModelForCausalLM
 
-    o = spec.options
-    lora = o["method"] == "lora"
-    half_base = lora and o["strategy"] != "fsdp"  # FSDP wants one dtype to shard; it casts itself
+    o = spec.settings
+    lora = o.method == "lora"
+    half_base = lora and o.strategy != "fsdp"  # FSDP wants one dtype to shard; it casts itself
     dtype = AMP_DTYPES.get(rt.precision, torch.float32) if half_base else torch.float32
-    torch.manual_seed(o["seed"])
+    torch.manual_seed(o.seed)
     model = AutoModelForCausalLM.from_pretrained(
         spec.model_dir,
         dtype=dtype,
         use_safetensors=True,
-        attn_implementation=resolve_attention(o["attention"], rt.device, o["packing"]),
+        attn_implementation=resolve_attention(o.attention, rt.device, o.packing),
         trust_remote_code=spec.trust_remote_code,
     )
     model.config.use_cache = False  # packed rows stay independent only without the cache
@@ -352,23 +319,17 @@ def load_model(spec: TrainSpec, rt: Runtime) -> torch.nn.Module:
 
         config = LoraConfig(
             task_type="CAUSAL_LM",
-            r=o["lora"]["r"],
-            lora_alpha=o["lora"]["alpha"],
-            lora_dropout=o["lora"]["dropout"],
-            target_modules=o["lora"]["target_modules"],
+            r=o.lora.r,
+            lora_alpha=o.lora.alpha,
+            lora_dropout=o.lora.dropout,
+            target_modules=list(o.lora.target_modules),
         )
         model = get_peft_model(model, config)
     return model.to(rt.device)
 
 
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP and peft wrappers."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    names = set(getattr(base_model(model), "_no_split_modules", None) or [])
+    names = set(getattr(unwrap(model), "_no_split_modules", None) or [])
     return [module for module in model.modules() if type(module).__name__ in names]
 
 
@@ -378,7 +339,7 @@ def needs_checkpointing(model: torch.nn.Module, rt: Runtime, tokens_per_micro: i
 
     Activations are estimated per token and layer as ~10 hidden + 4 intermediate values (norms,
     q/k/v, attention output, MLP gate/up/product) plus the loss rows' logits."""
-    config = base_model(model).config
+    config = unwrap(model).config
     hidden, layers = config.hidden_size, config.num_hidden_layers
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
     width = 2 if rt.precision in AMP_DTYPES else 4
@@ -391,10 +352,10 @@ def needs_checkpointing(model: torch.nn.Module, rt: Runtime, tokens_per_micro: i
 
 def prepare_model(model: torch.nn.Module, spec: TrainSpec, rt: Runtime, checkpointing: bool, compile_: bool) -> torch.nn.Module:
     """Gradient checkpointing, data parallelism (DDP, or FSDP2 per decoder layer), compilation."""
-    o = spec.options
+    o = spec.settings
     if checkpointing:
-        base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if rt.world > 1 and o["strategy"] == "fsdp":
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if rt.world > 1 and o.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         amp = AMP_DTYPES.get(rt.precision)
@@ -416,11 +377,11 @@ def build_optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.devic
     """AdamW, fused on CUDA and foreach elsewhere; no weight decay on biases and norms."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": spec.options["weight_decay"]},
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": spec.settings.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     speed = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.learning_rate, **speed)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.settings.peak_learning_rate, **speed)
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -443,140 +404,6 @@ class _Schedule:
         return lr_factor(step, self.total, self.warmup, self.kind)
 
 
-# --------------------------------------------------------------------------------- checkpoints
-
-
-class Checkpoints:
-    """step-XXXXXXXX folders under one URL, each published atomically with a marker written last."""
-
-    def __init__(self, url: str, keep: int):
-        self.url, self.keep = url, keep
-
-    def complete_steps(self) -> list[int]:
-        fs, path = storage.filesystem(self.url)
-        if not fs.exists(path):
-            return []
-        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
-        steps = [int(name[5:]) for name in names if name.startswith("step-") and name[5:].isdigit()]
-        return sorted(step for step in steps if storage.is_complete(self.folder(step)))
-
-    def folder(self, step: int) -> str:
-        return storage.join(self.url, f"step-{step:08d}")
-
-    def prune(self) -> None:
-        """Keep the newest `keep` complete checkpoints; drop older ones and abandoned temp folders."""
-        fs, path = storage.filesystem(self.url)
-        for step in self.complete_steps()[: -self.keep]:
-            fs.rm(storage.filesystem(self.folder(step))[1], recursive=True)
-        if storage.is_local(self.url) and Path(path).is_dir():
-            for leftover in Path(path).glob(".step-*.tmp-*"):
-                if time.time() - leftover.stat().st_mtime > 60:  # not one being written right now
-                    shutil.rmtree(leftover, ignore_errors=True)
-
-    def remove_all(self) -> None:
-        fs, path = storage.filesystem(self.url)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    curve: list = field(default_factory=list)
-    tokens: int = 0
-    loss_tokens: int = 0
-    train_s: float = 0.0
-    resumed_from_step: int = 0
-
-
-def _rng_state(rt: Runtime) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if rt.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(rt.device)
-    return state
-
-
-def _gather(rt: Runtime, value: Any) -> list:
-    if rt.world == 1:
-        return [value]
-    gathered = [None] * rt.world if rt.main else None
-    dist.gather_object(value, gathered, dst=0)
-    return gathered or []
-
-
-def _full_state(model, optimizer, trainable_only: bool) -> tuple[dict, dict]:
-    """Full (unsharded) state dicts on rank 0, keyed by parameter name (collective under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    return get_state_dict(model, optimizer, options=options)
-
-
-def _unique_tensors(state: dict, model: torch.nn.Module) -> dict:
-    """Drop aliases (tied embeddings) so safetensors accepts the dict; loading sets both. FSDP
-    gathers tied parameters as separate copies, so aliases are found by parameter identity too."""
-    model = getattr(model, "module", model)
-    first: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(param), name)
-    aliases = {name for name, param in model.named_parameters(remove_duplicate=False) if first[id(param)] != name}
-    seen, out = set(), {}
-    for name, tensor in state.items():
-        if name in aliases:
-            continue
-        pointer = (tensor.data_ptr(), tensor.shape, tensor.dtype)
-        if pointer not in seen:
-            seen.add(pointer)
-            out[name] = tensor.detach().contiguous()
-    return out
-
-
-def save_checkpoint(ckpts: Checkpoints, state: TrainState, model, optimizer, scheduler, scaler, rt: Runtime) -> None:
-    """Collective: every rank contributes its RNG state (and shards); rank 0 writes."""
-    from safetensors.torch import save_file
-
-    weights, optim_state = _full_state(model, optimizer, trainable_only=True)
-    rng = _gather(rt, _rng_state(rt))
-    if not rt.main:
-        return
-    with storage.atomic_directory(ckpts.folder(state.step)) as scratch:
-        save_file(_unique_tensors(weights, model), str(scratch / TRAINABLE_FILE))
-        torch.save(optim_state, scratch / "optimizer.pt")
-        extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None, "rng": rng}
-        torch.save(extra, scratch / "state.pt")
-        (scratch / "progress.json").write_text(json.dumps({**asdict(state), "world_size": rt.world}))
-    ckpts.prune()
-
-
-def load_checkpoint(ckpts: Checkpoints, model, optimizer, scheduler, scaler, rt: Runtime) -> TrainState:
-    """Restore the newest complete checkpoint on every rank; a fresh TrainState when there is none."""
-    steps = ckpts.complete_steps()
-    if not steps:
-        return TrainState()
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    folder = storage.local_copy(ckpts.folder(steps[-1]))
-    weights = load_file(str(folder / TRAINABLE_FILE))
-    optim_state = torch.load(folder / "optimizer.pt", weights_only=True)
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_state, options=options)
-    extra = torch.load(folder / "state.pt", weights_only=True)
-    scheduler.load_state_dict(extra["scheduler"])
-    if scaler is not None and extra["scaler"]:
-        scaler.load_state_dict(extra["scaler"])
-    rng = extra["rng"][rt.rank % len(extra["rng"])]
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and rt.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], rt.device)
-    progress = json.loads((folder / "progress.json").read_text())
-    progress.pop("world_size", None)
-    state = TrainState(**progress)
-    state.resumed_from_step = state.step
-    logger.info("Resuming from the checkpoint at step %d (%s)", state.step, ckpts.folder(state.step))
-    return state
-
-
 # -------------------------------------------------------------------------------------- loop
 
 
@@ -587,27 +414,27 @@ class Plan:
     warmup_steps: int
 
 
-def plan_steps(rows: TokenRows, options: dict, world: int) -> Plan:
-    global_batch = options["micro_batch_size"] * options["grad_accum"] * world
-    if options["max_steps"]:
-        total = options["max_steps"]
+def plan_steps(rows: TokenRows, settings: TrainSettings, world: int) -> Plan:
+    global_batch = settings.micro_batch_size * settings.grad_accum * world
+    if settings.max_steps:
+        total = settings.max_steps
     else:
-        total = max(1, math.ceil(options["epochs"] * len(rows) / global_batch))
-    warmup = math.ceil(options["warmup_ratio"] * total)
+        total = max(1, math.ceil(settings.epochs * len(rows) / global_batch))
+    warmup = math.ceil(settings.warmup_ratio * total)
     return Plan(global_batch, total, warmup)
 
 
-def largest_micro_batch(rows: TokenRows, plan: Plan, options: dict, row_tokens: int | None) -> int:
+def largest_micro_batch(rows: TokenRows, plan: Plan, settings: TrainSettings, row_tokens: int | None) -> int:
     """The most token slots (padding included) any micro-batch of the whole run will take, read
     off the data order, so the memory estimate sees the real worst step rather than
     micro_batch_size x the longest example."""
-    micro = options["micro_batch_size"]
+    micro = settings.micro_batch_size
     positions = plan.total_steps * plan.global_batch
-    order = DataOrder(len(rows), options["seed"])
+    order = DataOrder(len(rows), settings.seed)
     epochs = -(-positions // len(rows))
     stream = torch.tensor([i for epoch in range(epochs) for i in order.permutation(epoch)][:positions])
     lengths = rows.lengths[stream].view(-1, micro)  # micro-batches in order; every rank's share is whole micro-batches
-    if not options["packing"]:
+    if not settings.packing:
         return int((lengths.max(-1).values * micro).max())
     if row_tokens is None:
         return int(lengths.sum(-1).max())
@@ -619,27 +446,27 @@ class Session:
     """One training process: model, optimizer and data, and the step function."""
 
     def __init__(self, spec: TrainSpec, rt: Runtime, rows: TokenRows):
-        self.spec, self.rt, self.rows, o = spec, rt, rows, spec.options
+        self.spec, self.rt, self.rows, o = spec, rt, rows, spec.settings
         self.plan = plan_steps(rows, o, rt.world)
-        self.order = DataOrder(len(rows), o["seed"])
+        self.order = DataOrder(len(rows), o.seed)
         model = load_model(spec, rt)
-        self.pad_token_id = base_model(model).config.pad_token_id or 0
+        self.pad_token_id = unwrap(model).config.pad_token_id or 0
         self.row_tokens = packed_row_tokens(model, rows)
-        self.checkpointing = o["gradient_checkpointing"] == "on" or (
-            o["gradient_checkpointing"] == "auto"
+        self.checkpointing = o.gradient_checkpointing == "on" or (
+            o.gradient_checkpointing == "auto"
             and rt.device.type == "cuda"
-            and needs_checkpointing(model, rt, largest_micro_batch(rows, self.plan, o, self.row_tokens), o["strategy"])
+            and needs_checkpointing(model, rt, largest_micro_batch(rows, self.plan, o, self.row_tokens), o.strategy)
         )
-        self.compiled = o["compile"] == "on" or (
-            o["compile"] == "auto" and rt.device.type == "cuda" and self.plan.total_steps >= COMPILE_MIN_STEPS
+        self.compiled = o.compile == "on" or (
+            o.compile == "auto" and rt.device.type == "cuda" and self.plan.total_steps >= COMPILE_MIN_STEPS
         )
         self.model = prepare_model(model, spec, rt, self.checkpointing, self.compiled)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, spec, rt.device)
-        schedule = _Schedule(self.plan.total_steps, self.plan.warmup_steps, o["lr_scheduler"])
+        schedule = _Schedule(self.plan.total_steps, self.plan.warmup_steps, o.lr_scheduler)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
-        torch.manual_seed(o["seed"] + rt.rank)  # dropout differs per rank; a checkpoint restores it
+        torch.manual_seed(o.seed + rt.rank)  # dropout differs per rank; a checkpoint restores it
 
     def _sync(self, last: bool):
         """Reduce gradients only on the last micro-batch of a step."""
@@ -652,14 +479,14 @@ class Session:
 
     def step(self, step: int) -> dict:
         """One optimizer step over global batch `step`; returns its curve record (without times)."""
-        o, rt = self.spec.options, self.rt
+        o, rt = self.spec.settings, self.rt
         batch = self.order.global_batch(step, self.plan.global_batch)
         loss_tokens = int(self.rows.loss_tokens[batch].sum())
         scale = rt.world / max(1, loss_tokens)  # DDP averages over ranks; undo that, divide by all tokens
-        micro_batches = rank_micro_batches(batch, rt.rank, rt.world, o["micro_batch_size"])
+        micro_batches = rank_micro_batches(batch, rt.rank, rt.world, o.micro_batch_size)
         total = torch.zeros((), device=rt.device)
         for i, indices in enumerate(micro_batches):
-            inputs, targets = make_batch(self.rows, indices, o["packing"], self.pad_token_id, rt.device, self.row_tokens)
+            inputs, targets = make_batch(self.rows, indices, o.packing, self.pad_token_id, rt.device, self.row_tokens)
             with self._sync(last=i == len(micro_batches) - 1):
                 with rt.autocast():
                     loss = loss_sum(self.model, inputs, targets)
@@ -682,7 +509,7 @@ class Session:
     def _optimizer_step(self) -> float:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        limit = self.spec.options["max_grad_norm"] or float("inf")
+        limit = self.spec.settings.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -718,10 +545,10 @@ class ProgressBar:
 def run_worker(spec: TrainSpec, progress: Progress | None = None, rows: TokenRows | None = None, show_bar: bool = True) -> dict:
     """Train in this process (one of torchrun's workers, or the only one); returns train_stats."""
     meter = Meter(started=time.perf_counter())
-    rt = start_runtime(spec.options)
+    rt = start_runtime(spec.settings)
     try:
         session = Session(spec, rt, rows if rows is not None else load_rows(spec.data_dir))
-        ckpts = Checkpoints(spec.checkpoint_url, spec.options["keep_checkpoints"])
+        ckpts = Checkpoints(spec.checkpoint_url, spec.settings.keep_checkpoints)
         state = load_checkpoint(ckpts, session.model, session.optimizer, session.scheduler, session.scaler, rt)
         _train_loop(session, state, ckpts, meter, progress if rt.main else None, show_bar and rt.main)
         stats = _stats(session, state, meter)
@@ -787,7 +614,7 @@ def _train_loop(session: Session, state: TrainState, ckpts: Checkpoints, meter: 
             bar.update(event)
             if progress is not None:
                 progress(event)
-            if state.step % session.spec.options["checkpoint_every"] == 0 and state.step < total:
+            if state.step % session.spec.settings.checkpoint_every == 0 and state.step < total:
                 save_checkpoint(ckpts, state, session.model, session.optimizer, session.scheduler, session.scaler, session.rt)
     finally:
         bar.close()
@@ -796,7 +623,7 @@ def _train_loop(session: Session, state: TrainState, ckpts: Checkpoints, meter: 
 def _stats(session: Session, state: TrainState, meter: Meter) -> dict:
     rt = session.rt
     return {
-        "method": session.spec.options["method"],
+        "method": session.spec.settings.method,
         "steps": state.step,
         "final_loss": state.curve[-1]["loss"] if state.curve else None,
         "tokens": state.tokens,
@@ -809,9 +636,9 @@ def _stats(session: Session, state: TrainState, meter: Meter) -> dict:
         "device": str(rt.device.type),
         "precision": rt.precision,
         "world_size": rt.world,
-        "strategy": session.spec.options["strategy"] if rt.world > 1 else "single",
+        "strategy": session.spec.settings.strategy if rt.world > 1 else "single",
         "global_batch_size": session.plan.global_batch,
-        "attention": base_model(session.model).config._attn_implementation,
+        "attention": unwrap(session.model).config._attn_implementation,
         "gradient_checkpointing": session.checkpointing,
         "compiled": session.compiled,
         "trainable_params": sum(p.numel() for p in session.params),
@@ -825,7 +652,7 @@ def publish_outputs(session: Session, state: TrainState, stats: dict) -> None:
     curve and the stats as one atomic folder."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    lora = session.spec.options["method"] == "lora"
+    lora = session.spec.settings.method == "lora"
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
     weights = get_model_state_dict(session.model, options=options)
     if not session.rt.main:
@@ -837,122 +664,9 @@ def publish_outputs(session: Session, state: TrainState, stats: dict) -> None:
     with storage.atomic_directory(session.spec.output_url) as scratch:
         target = scratch / ("adapter" if lora else "model")
         if not lora:  # fp32 master weights, saved as trained; export decides the release dtype
-            weights = _unique_tensors(weights, unwrapped)
+            weights = unique_tensors(weights, unwrapped)
             unwrapped.config.use_cache = True  # training turned it off for packing; inference wants it
         unwrapped.save_pretrained(str(target), state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(str(target))
         (scratch / "loss_curve.json").write_text(json.dumps(state.curve, indent=1) + "\n")
         (scratch / "train_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-
-
-# ------------------------------------------------------------------------------------ launcher
-
-
-def needs_torchrun(options: dict) -> bool:
-    return (options["devices"] > 1 or options["nnodes"] > 1) and "LOCAL_RANK" not in os.environ
-
-
-def train(spec: TrainSpec, progress: Progress | None = None) -> dict:
-    """Train: in this process for one device, else through torchrun. Returns train_stats."""
-    if needs_torchrun(spec.options):
-        return launch_torchrun(spec, progress)
-    return run_worker(spec, progress)
-
-
-def torchrun_command(spec_file: str | Path, options: dict, run_id: str) -> list[str]:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={options['devices']}", f"--nnodes={options['nnodes']}"]
-    if options["nnodes"] == 1:
-        command.append("--standalone")
-    else:
-        command += [
-            f"--node_rank={options['node_rank']}",
-            "--rdzv_backend=c10d",
-            f"--rdzv_endpoint={options['rdzv_endpoint']}",
-            f"--rdzv_id={run_id}",
-        ]
-    return command + ["-m", "tasks.core.trainer", "--spec", str(spec_file)]
-
-
-def launch_torchrun(spec: TrainSpec, progress: Progress | None = None) -> dict:
-    """Run the workers with torchrun, stream their output, drive the progress bar from rank 0's
-    events, and fail with the worker's own error when one fails."""
-    import tempfile
-
-    root = Path(__file__).resolve().parents[2]
-    with tempfile.TemporaryDirectory(prefix="sft-train-") as tmp:
-        spec_file = Path(tmp) / "spec.json"
-        spec_file.write_text(json.dumps(asdict(spec)))
-        env = {**os.environ, EVENTS_ENV: "1", "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-        command = torchrun_command(spec_file, spec.options, spec.run_id)
-        logger.info("Launching %s", " ".join(command))
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root, text=True, bufsize=1, preexec_fn=die_with_parent()
-        )
-        errors, tail = _stream(process, progress)
-    if process.returncode != 0:
-        if errors:
-            first = errors[0]
-            raise WorkerError(f"training worker (rank {first['rank']}) failed: {first['type']}: {first['message']}")
-        raise WorkerError(f"torchrun exited with {process.returncode}:\n" + "".join(tail), crashed=True)
-    return storage.read_json(storage.join(spec.output_url, "train_stats.json"))
-
-
-def _stream(process: subprocess.Popen, progress: Progress | None) -> tuple[list[dict], deque]:
-    errors, tail, bar = [], deque(maxlen=40), None
-    try:
-        for line in process.stdout:
-            if line.startswith(EVENT_PREFIX):
-                event = json.loads(line[len(EVENT_PREFIX) :])
-                bar = bar or ProgressBar(event["total_steps"], event["step"] - 1, enabled=True)
-                bar.update(event)
-                if progress is not None:
-                    progress(event)
-            elif line.startswith(ERROR_PREFIX):
-                errors.append(json.loads(line[len(ERROR_PREFIX) :]))
-            else:
-                tail.append(line)
-                logger.info("%s", line.rstrip())
-                if progress is not None:
-                    progress({"event": "log", "line": line.rstrip()})
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        if bar is not None:
-            bar.close()
-    return errors, tail
-
-
-def _print_event(event: dict) -> None:
-    print(EVENT_PREFIX + json.dumps(event), flush=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the SFT training core on a TrainSpec JSON file.")
-    parser.add_argument("--spec", required=True, help="TrainSpec as JSON (see tasks.core.trainer.TrainSpec).")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = TrainSpec(**json.loads(Path(args.spec).read_text()))
-    as_worker = os.environ.get(EVENTS_ENV) == "1"
-    try:
-        if as_worker:
-            run_worker(spec, progress=_print_event, show_bar=False)
-        else:
-            stats = train(spec)
-            print(json.dumps(stats, indent=2))
-    except Exception as error:
-        if as_worker:
-            report = {"rank": int(os.environ.get("RANK", "0")), "type": type(error).__name__, "message": str(error)}
-            print(ERROR_PREFIX + json.dumps(report), flush=True)
-        raise
-
-
-if __name__ == "__main__":
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    record(main)()

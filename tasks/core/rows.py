@@ -1,0 +1,109 @@
+"""The canonical row: the one shape every input format is mapped onto, and the JSONL file of them
+that validate-data writes and tokenize and evaluate read.
+
+One object a line: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
+"split": "train"|"eval", "source": "<file>:<row>"}. Which rows are held out, which repeat one
+another and the key later stages cache on are all decided from the messages alone, never from
+`source`, so the same text lands the same way whatever its file is called."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+
+from tasks.core.hashing import hash_bytes
+
+
+@dataclass
+class Row:
+    messages: list[dict[str, str]]
+    split: str
+    source: str
+
+    @functools.cached_property
+    def canonical(self) -> str:
+        return json.dumps(self.messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    @property
+    def fraction(self) -> float:
+        """Where the row's content hash falls in [0, 1): the same text always lands the same."""
+        return int(hashlib.sha256(self.canonical.encode("utf-8")).hexdigest()[:8], 16) / 16**8
+
+    @property
+    def chars(self) -> int:
+        return sum(len(message["content"]) for message in self.messages)
+
+    def as_json(self) -> str:
+        record = {"messages": self.messages, "split": self.split, "source": self.source}
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+# --- duplicates and split ----------------------------------------------------------------------
+
+
+def find_duplicates(rows: list[Row]) -> list[tuple[Row, Row]]:
+    """(duplicate, first occurrence) for every row whose messages equal an earlier row's."""
+    first: dict[str, Row] = {}
+    return [(row, first[row.canonical]) for row in rows if first.setdefault(row.canonical, row) is not row]
+
+
+def eval_in_train(rows: list[Row]) -> list[tuple[Row, Row]]:
+    """(eval row, training row) for every eval row whose messages are also a training row's: the
+    eval loss on it measures memorisation. A hash split never does this; eval files can."""
+    trained: dict[str, Row] = {}
+    for row in rows:
+        if row.split == "train":
+            trained.setdefault(row.canonical, row)
+    return [(row, trained[row.canonical]) for row in rows if row.split == "eval" and row.canonical in trained]
+
+
+def hash_split(fractions: list[float], eval_fraction: float) -> list[bool]:
+    """Which rows are held out: those whose content hash falls under eval_fraction, with at least
+    one eval row (the smallest hash) and one train row whenever there are two rows or more."""
+    if len(fractions) < 2:
+        return [False] * len(fractions)
+    held = [fraction < eval_fraction for fraction in fractions]
+    if eval_fraction > 0 and not any(held):
+        held = [fraction == min(fractions) for fraction in fractions]
+    if all(held):
+        held = [fraction < max(fractions) for fraction in fractions]
+    if eval_fraction > 0 and not any(held):
+        held[-1] = True  # every row has the same text: no split can keep them apart
+    return held
+
+
+def assign_splits(rows: list[Row], eval_fraction: float, has_eval_files: bool) -> None:
+    """Set each row's split by its content hash, unless eval files were given."""
+    if has_eval_files:
+        return  # rows already carry their source's split
+    for row, held_out in zip(rows, hash_split([row.fraction for row in rows], eval_fraction)):
+        row.split = "eval" if held_out else "train"
+
+
+# --- the JSONL file ----------------------------------------------------------------------------
+
+
+def content_key(rows: list[Row]) -> str:
+    """The key downstream stages cache on: what they read (text and split), not the `source`
+    labels, so renaming or moving a data file does not invalidate tokenization."""
+    return hash_bytes("".join(f"{row.split}\t{row.canonical}\n" for row in rows).encode("utf-8"))
+
+
+def write_canonical(path: Path, rows: list[Row]) -> None:
+    """One row a line, in order, to a local file (the stage publishes its folder atomically)."""
+    path.write_bytes("".join(row.as_json() + "\n" for row in rows).encode("utf-8"))
+
+
+def read_canonical(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """The rows of a canonical JSONL file, in file order, as plain dicts. A generator: a reader that
+    needs only the first few rows stops reading there."""
+    with fsspec.open(url, "r", encoding="utf-8", **(storage_options or {})) as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)

@@ -1,0 +1,95 @@
+"""The canonical row: content identity, duplicates, the hash split, and its JSONL file."""
+
+from __future__ import annotations
+
+import json
+
+from tasks.core.rows import (
+    Row,
+    assign_splits,
+    content_key,
+    eval_in_train,
+    find_duplicates,
+    hash_split,
+    read_canonical,
+    write_canonical,
+)
+
+
+def chat(question: str, answer: str = "A.") -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def row(question: str, split: str = "train", source: str = "f.jsonl:0") -> Row:
+    return Row(chat(question), split, source)
+
+
+def test_identity_is_the_messages_alone():
+    one = Row([{"content": "Q?", "role": "user"}], "train", "a.jsonl:0")
+    other = Row([{"role": "user", "content": "Q?"}], "eval", "b.jsonl:7")
+    assert one.canonical == other.canonical and one.fraction == other.fraction
+    assert 0 <= one.fraction < 1 and one.fraction != row("R?").fraction
+    assert row("Q?", source="x").chars == len("Q?") + len("A.")
+
+
+def test_duplicates_pair_each_repeat_with_its_first_occurrence():
+    rows = [row("a"), row("b"), row("a", source="g:3"), row("a", source="g:4")]
+    assert find_duplicates(rows) == [(rows[2], rows[0]), (rows[3], rows[0])]
+    assert all(pair[0] is rows[i] for pair, i in zip(find_duplicates(rows), (2, 3)))
+
+
+def test_eval_rows_that_are_training_rows():
+    rows = [row("a", "eval"), row("a"), row("b", "eval"), row("c"), row("c", "eval")]
+    assert eval_in_train(rows) == [(rows[0], rows[1]), (rows[4], rows[3])]
+
+
+def test_hash_split_keeps_one_row_on_each_side():
+    assert hash_split([0.9, 0.8, 0.7], 0.1) == [False, False, True]
+    assert hash_split([0.01, 0.02], 0.5) == [True, False]
+    assert hash_split([0.3, 0.3], 0.1) == [False, True]
+    assert hash_split([0.01], 0.5) == [False]
+    assert hash_split([0.01, 0.9], 0.0) == [False, False]
+
+
+def test_hash_split_is_deterministic_and_keeps_repeats_together():
+    def rows() -> list[Row]:
+        made = [row(f"question {index}", source=f"f:{index}") for index in range(200)]
+        return made + [row(f"question {index}", source=f"f:{200 + index}") for index in range(10)]
+
+    first, again = rows(), rows()
+    assign_splits(first, 0.2, has_eval_files=False)
+    assign_splits(again, 0.2, has_eval_files=False)
+    assert [r.split for r in first] == [r.split for r in again]
+    held_out = {r.canonical for r in first if r.split == "eval"}
+    assert not held_out & {r.canonical for r in first if r.split == "train"}
+    assert 20 < len(held_out) < 60
+
+
+def test_eval_files_keep_the_splits_they_came_with():
+    rows = [row(f"q{index}") for index in range(20)] + [row("held", "eval")]
+    assign_splits(rows, 0.5, has_eval_files=True)
+    assert [r.split for r in rows] == ["train"] * 20 + ["eval"]
+
+
+def test_content_key_covers_text_and_split_not_source():
+    rows = [row("a"), row("b", "eval")]
+    assert content_key(rows) == content_key([row("a", source="moved:0"), row("b", "eval", source="moved:1")])
+    assert content_key(rows) != content_key([row("a"), row("b")])
+    assert content_key(rows) != content_key([row("a"), Row(chat("b", "B."), "eval", "f.jsonl:0")])
+
+
+def test_written_rows_read_back_in_order(tmp_path):
+    rows = [Row(chat("Ça va ?", "Oui."), "train", "f.jsonl:0"), row("b", "eval", "f.jsonl:1")]
+    path = tmp_path / "data.jsonl"
+    write_canonical(path, rows)
+    assert "Ça va" in path.read_text(encoding="utf-8")  # text stays readable, not \u-escaped
+    assert list(read_canonical(str(path))) == [
+        {"messages": r.messages, "split": r.split, "source": r.source} for r in rows
+    ]
+
+
+def test_reader_skips_blank_lines_and_stops_where_its_caller_does(tmp_path):
+    path = tmp_path / "data.jsonl"
+    first = {"messages": chat("a"), "split": "eval", "source": "f:0"}
+    path.write_text("\n" + json.dumps(first) + "\n\nnot json: never read\n", encoding="utf-8")
+    assert next(read_canonical(f"file://{path}")) == first
