@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from prefect import task
 
 from schemas.config import EvalOptions, GateOptions, TemplateOptions
@@ -24,7 +23,7 @@ from schemas.manifests import DataArtifact, EvalArtifact, ModelArtifact, Tokeniz
 from tasks import reporting
 from tasks.artifacts import publisher
 from tasks.caching import content_cache_key
-from tasks.core import collate, formatting, hashing, metrics, modeling, scoring, storage
+from tasks.core import collate, formatting, hashing, metrics, modeling, rows, scoring, storage
 from tasks.core.scoring import finite
 from tasks.reporting import number
 from tasks.retrying import retry_transient
@@ -113,21 +112,15 @@ def eval_samples(data_uri: str, limit: int, storage_options: dict[str, Any] | No
     samples = []
     if limit <= 0:
         return samples
-    with fsspec.open(data_uri, "r", encoding="utf-8", **(storage_options or {})) as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            messages = row["messages"]
-            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-            if row.get("split") != "eval" or last is None:
-                continue
-            asked = [m["content"] for m in messages[:last] if m["role"] == "user"]
-            samples.append(
-                {"messages": messages, "prompt": asked[-1] if asked else "", "reference": messages[last]["content"]}
-            )
-            if len(samples) >= limit:
-                break
+    for row in rows.read_canonical(data_uri, storage_options):
+        messages = row["messages"]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if row.get("split") != "eval" or last is None:
+            continue
+        asked = [m["content"] for m in messages[:last] if m["role"] == "user"]
+        samples.append({"messages": messages, "prompt": asked[-1] if asked else "", "reference": messages[last]["content"]})
+        if len(samples) >= limit:
+            break
     return samples
 
 
@@ -226,7 +219,7 @@ def publish_eval_artifacts(result: EvalArtifact) -> None:
     )
 
 
-CODE_VERSION = hashing.code_version(sys.modules[__name__], scoring, reporting, metrics, modeling, collate, formatting)
+CODE_VERSION = hashing.code_version(sys.modules[__name__], scoring, reporting, rows, metrics, modeling, collate, formatting)
 
 
 @task(
