@@ -40,7 +40,7 @@ def format_dataset_stats(validation: dict[str, Any], tokenization: dict[str, Any
     )
 
 
-def format_run_summary(manifest: dict[str, Any], wall_s: float) -> str:
+def format_run_summary(manifest: dict[str, Any], wall_s: float, cache_storage_options: dict[str, Any] | None = None) -> str:
     stages = manifest.get("stages", {})
     parts = [
         f"Run {manifest.get('status')} in {wall_s:.1f} s. Manifest: {manifest.get('manifest_uri')}",
@@ -52,14 +52,14 @@ def format_run_summary(manifest: dict[str, Any], wall_s: float) -> str:
     if manifest.get("status") == "dry-run":
         parts.append(format_dataset_stats(stages["validate-data"]["stats"], stages["tokenize-and-cache"]["stats"]))
     if "evaluate" in stages:
-        parts.append(format_comparison(stages["evaluate"]["uri"]))
+        parts.append(format_comparison(stages["evaluate"]["uri"], cache_storage_options))
     return "\n\n".join(parts)
 
 
-def format_comparison(eval_uri: str, width: int = 60) -> str:
+def format_comparison(eval_uri: str, cache_storage_options: dict[str, Any] | None = None, width: int = 60) -> str:
     """Metrics table and side-by-side answers of the base and tuned models on held-out prompts."""
-    metrics = storage.read_json(storage.join(eval_uri, "metrics.json"))
-    generations = storage.read_json(storage.join(eval_uri, "generations.json"))
+    metrics = storage.read_json(storage.join(eval_uri, "metrics.json"), cache_storage_options)
+    generations = storage.read_json(storage.join(eval_uri, "generations.json"), cache_storage_options)
     base, tuned = metrics["base"], metrics["tuned"]
     rows = [[row["metric"], row["base"], row["tuned"], row["delta"]] for row in metric_rows(base, tuned)]
     lines = [

@@ -43,10 +43,11 @@ from tasks.validate import DataValidationError, publish_validation_table, valida
 # (`prefect concurrency-limit create gpu 1`), runs sharing a GPU take turns at them.
 GPU_TAG = "gpu"
 
-# The artifacts of each cacheable stage, published again by the flow when the stage is a cache hit.
+# The artifacts of each cacheable stage, published again by the flow when the stage is a cache hit:
+# publish(result, cache_storage_options) (the evaluation report is read back from the cache).
 REPUBLISH = {
-    "validate-data": publish_validation_table,
-    "tokenize-and-cache": publish_tokenize_stats,
+    "validate-data": lambda result, cache_options: publish_validation_table(result),
+    "tokenize-and-cache": lambda result, cache_options: publish_tokenize_stats(result),
     "evaluate": publish_eval_artifacts,
 }
 
@@ -64,8 +65,8 @@ class RunLedger:
         started = time.perf_counter()
         state = task.with_options(**_result_storage(self.config))(*args, return_state=True)
         result: StageResult = state.result()  # re-raises the stage's error after its retries
-        if state.name == "Cached" and result.stage in REPUBLISH:
-            REPUBLISH[result.stage](result)  # the task body, which publishes them, did not run
+        if state.name == "Cached" and result.stage in REPUBLISH:  # the task body, which publishes them, did not run
+            REPUBLISH[result.stage](result, self.config.cache_storage_options)
         self.stages[result.stage] = {
             "uri": result.uri,
             "key": result.key,
@@ -90,36 +91,37 @@ def _result_storage(config: SFTConfig) -> dict[str, Any]:
     """Prefect results live beside the stage cache, so caching works the same with the ephemeral
     server, a dedicated server or a fresh PREFECT_HOME. Remote cache dirs keep Prefect's default
     result storage (a server-side storage block can be configured for those)."""
-    if not storage.is_local(config.cache_dir):
+    if not storage.is_local(config.cache_dir, config.cache_storage_options):
         return {}
-    return {"result_storage": Path(storage.filesystem(config.cache_dir)[1]).resolve() / "prefect-results"}
+    return {"result_storage": Path(storage.filesystem(config.cache_dir, config.cache_storage_options)[1]).resolve() / "prefect-results"}
 
 
 @flow(name="sft", log_prints=True)
 def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
     """Fine-tune `config.model` on `config.data` and publish the release at `config.output`."""
+    cache, cache_options = config.cache_dir, config.cache_storage_options  # where every stage keeps its entries
     # Before any work, and before anything (even a failed run's record) is written under it.
-    check_output_target(config.output, config.output_storage_options, config.cache_dir)
+    check_output_target(config.output, config.output_storage_options, cache, cache_options)
     ledger = RunLedger(config)
     try:
-        data = ledger.run(validate_task, config.data, config.eval_data, config.data_options, config.cache_dir)
+        data = ledger.run(validate_task, config.data, config.eval_data, config.data_options, cache, cache_options)
         require_eval_rows(data, config)
-        model = ledger.run(import_model_task, config.model, config.cache_dir, config.trust_remote_code)
-        tokenized = ledger.run(tokenize_task, data, model, config.template, config.cache_dir)
+        model = ledger.run(import_model_task, config.model, cache, config.trust_remote_code, cache_options)
+        tokenized = ledger.run(tokenize_task, data, model, config.template, cache, cache_options)
         if config.dry_run:
             print(format_dataset_stats(data.stats, tokenized.stats))
             return _finish(ledger, "dry-run")
         with tags(GPU_TAG):
-            trained = ledger.run(train_task, tokenized, model, config.train, config.cache_dir, config.trust_remote_code)
+            trained = ledger.run(train_task, tokenized, model, config.train, cache, config.trust_remote_code, cache_options)
             evaluation = ledger.run(
-                evaluate_task, data, tokenized, model, trained, config.eval, config.template, config.cache_dir,
-                config.trust_remote_code, config.cache_storage_options,
+                evaluate_task, data, tokenized, model, trained, config.eval, config.template, cache,
+                config.trust_remote_code, cache_options,
             )
         evaluation.require_passed()
         inputs = ReleaseInputs(model=model, data=data, tokenized=tokenized, trained=trained, evaluation=evaluation)
         ledger.run(
             export_task, inputs, config.output_target, config.export, config.train, config.template,
-            ledger.manifest("completed"), config.trust_remote_code, config.cache_storage_options,
+            ledger.manifest("completed"), config.trust_remote_code, cache_options,
         )
     except BaseException as error:  # Ctrl-C and SIGTERM too: every attempt leaves its record
         _finish(ledger, _failure_status(error))
@@ -202,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(format_run_summary(manifest, time.perf_counter() - started))
+    print(format_run_summary(manifest, time.perf_counter() - started, config.cache_storage_options))
     return 0
 
 
 def _run_cli(config: SFTConfig) -> dict[str, Any]:
     # The flow checks the output too (deployments, the UI); here it fails before a server starts.
-    check_output_target(config.output, config.output_storage_options, config.cache_dir)
+    check_output_target(config.output, config.output_storage_options, config.cache_dir, config.cache_storage_options)
     with api_for_cli():
         return sft(config)
 

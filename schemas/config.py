@@ -203,7 +203,7 @@ class SFTConfig(BaseModel):
     )
     cache_storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec storage options for `cache_dir` (credentials, endpoint, ...); read by evaluate and export.",
+        description="fsspec storage options for `cache_dir` (credentials, endpoint, ...), used by every stage; never part of a cache key.",
     )
     dry_run: bool = Field(False, description="Validate and tokenize, print dataset statistics, stop before training.")
     data_options: DataOptions = Field(default_factory=DataOptions, description="Reading and validating the data.")

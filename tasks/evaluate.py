@@ -10,6 +10,7 @@ never published. With eval.enabled off nothing is computed and the gate passes, 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import sys
@@ -200,9 +201,13 @@ def _artifact(url: str, key: str, store_hit: bool, storage_options: dict[str, An
 # Prefect
 
 
-@publisher("evaluation report")
-def publish_eval_artifacts(result: EvalArtifact) -> None:
-    """Metrics table and markdown report (loss curve embedded as a data: URI) as Prefect artifacts."""
+def publish_eval_artifacts(result: EvalArtifact, cache_storage_options: dict[str, Any] | None = None) -> None:
+    """Metrics table and markdown report (loss curve embedded as a data: URI) as Prefect artifacts;
+    the report's files are read back from the cache entry with the cache's storage options."""
+    publisher("evaluation report")(functools.partial(_publish_eval_artifacts, storage_options=cache_storage_options))(result)
+
+
+def _publish_eval_artifacts(result: EvalArtifact, storage_options: dict[str, Any] | None) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     base, tuned = result.stats.get("base", {}), result.stats.get("tuned", {})
@@ -210,9 +215,9 @@ def publish_eval_artifacts(result: EvalArtifact) -> None:
         table=reporting.metric_rows(base, tuned), key="sft-eval-metrics",
         description=f"Base vs tuned ({'gate passed' if result.passed else 'GATE FAILED'}): {result.gate_message}",
     )
-    fs, path = storage.filesystem(storage.join(result.uri, "loss_curve.png"))
+    fs, path = storage.filesystem(storage.join(result.uri, "loss_curve.png"), storage_options)
     image = "data:image/png;base64," + base64.b64encode(fs.cat_file(path)).decode("ascii")
-    generations = storage.read_json(storage.join(result.uri, "generations.json"))
+    generations = storage.read_json(storage.join(result.uri, "generations.json"), storage_options)
     create_markdown_artifact(
         markdown=reporting.render_report(base, tuned, generations, result.passed, result.gate_message, image),
         key="sft-eval-report", description="Evaluation report with sample generations side by side",
@@ -241,5 +246,5 @@ def evaluate_task(
     cache_storage_options: dict[str, Any] | None = None,
 ) -> EvalArtifact:
     result = evaluate_models(data, tokenized, model, trained, options, template, cache_dir, trust_remote_code, cache_storage_options)
-    publish_eval_artifacts(result)
+    publish_eval_artifacts(result, cache_storage_options)
     return result

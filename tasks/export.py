@@ -48,17 +48,21 @@ ATTEMPTS = "attempts"  # run records kept inside the output folder (tasks that d
 ATTEMPT_NAME = re.compile(r"^\d{8}T\d{6}Z-[a-z-]+$")
 
 
-def check_output_target(output: str, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None) -> None:
+def check_output_target(
+    output: str, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
+    cache_storage_options: dict[str, Any] | None = None,
+) -> None:
     """Refuse, before any work starts, an output that publishing a release would destroy.
 
     Publishing replaces the whole folder at `output`, so it may only be: missing, an empty folder,
     a release of ours (manifest with a release key, and no file the release did not write), or a
     folder holding nothing but our run records (`attempts/`). Anything else (a regular file, `.`,
     the folder with the user's data) raises RefusedTargetError naming the path. The cache may not
-    live inside the output (the release would replace it) nor the output inside the cache."""
+    live inside the output (the release would replace it) nor the output inside the cache;
+    `cache_storage_options` are the cache's fsspec options (it may live on another filesystem)."""
     fs, path = storage.filesystem(output, storage_options)
     shown = fs.unstrip_protocol(path) if "://" in output else output
-    if cache_dir is not None and _overlaps(output, cache_dir):
+    if cache_dir is not None and _overlaps(output, storage_options, cache_dir, cache_storage_options):
         raise storage.RefusedTargetError(
             f"--output {shown} and --cache_dir {cache_dir} overlap: publishing the release replaces the whole output "
             "folder, so the two must be separate folders"
@@ -107,10 +111,11 @@ def _names(fs, path: str) -> list[str]:
     return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
 
 
-def _overlaps(output: str, cache_dir: str) -> bool:
-    if not (storage.is_local(output) and storage.is_local(cache_dir)):
+def _overlaps(output: str, output_options: dict[str, Any] | None, cache_dir: str, cache_options: dict[str, Any] | None) -> bool:
+    if not (storage.is_local(output, output_options) and storage.is_local(cache_dir, cache_options)):
         return False
-    first, second = (Path(storage.filesystem(url)[1]).resolve() for url in (output, cache_dir))
+    places = ((output, output_options), (cache_dir, cache_options))
+    first, second = (Path(storage.filesystem(url, options)[1]).resolve() for url, options in places)
     return first == second or first in second.parents or second in first.parents
 
 
@@ -368,6 +373,6 @@ def publish_release_link(result: ExportArtifact) -> None:
     """A Prefect link artifact to the release."""
     from prefect.artifacts import create_link_artifact
 
-    link = Path(result.uri).resolve().as_uri() if storage.is_local(result.uri) and "://" not in result.uri else result.uri
+    link = result.uri if "://" in result.uri else Path(result.uri).resolve().as_uri()  # a bare path is local
     create_link_artifact(link=link, link_text=f"SFT release {result.key}", key="sft-release",
                          description=f"{result.stats.get('files')} files, {result.stats.get('bytes')} bytes")

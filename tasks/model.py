@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
@@ -87,20 +88,24 @@ def _is_hub_id(model: str) -> bool:
     return model.count("/") == 1 and not model.startswith((".", "/", "~")) and "\\" not in model
 
 
-def import_model(model: str, cache_dir: str, trust_remote_code: bool = False) -> ModelArtifact:
-    """Make `model` available as a local safetensors folder and describe it."""
+def import_model(
+    model: str, cache_dir: str, trust_remote_code: bool = False, cache_storage_options: dict[str, Any] | None = None
+) -> ModelArtifact:
+    """Make `model` available as a safetensors folder in the cache and describe it. The artifact's
+    uri is the cache entry (on local disk, the folder itself); readers take a `storage.local_copy`
+    with the cache's storage options, so a remote cache never hands on a path of this machine."""
     key, url = model_entry(model, cache_dir)
-    store_hit = storage.is_complete(url)
+    store_hit = storage.is_complete(url, cache_storage_options)
     if not store_hit:
         started = time.perf_counter()
-        with storage.atomic_directory(url) as scratch:
+        with storage.atomic_directory(url, cache_storage_options) as scratch:
             _convert(model, scratch, trust_remote_code)
         logger.info("Converted %s to safetensors in %.1f s", model, time.perf_counter() - started)
-    folder = storage.local_copy(url)
+    folder = storage.local_copy(url, cache_storage_options)
     config = json.loads((folder / "config.json").read_text())
     return ModelArtifact(
         stage="import-model",
-        uri=str(folder),
+        uri=str(folder) if storage.is_local(url, cache_storage_options) else url,
         key=key,
         source=model,
         tokenizer_hash=tokenizer_fingerprint(folder),
@@ -148,11 +153,13 @@ CODE_VERSION = hashing.code_version(sys.modules[__name__])
 
 @task(
     name="import-model",
-    cache_key_fn=content_cache_key(model_entry),
+    cache_key_fn=content_cache_key(model_entry, "cache_storage_options"),
     persist_result=True,
     retries=2,
     retry_condition_fn=retry_transient,
     retry_delay_seconds=[5, 30],
 )
-def import_model_task(model: str, cache_dir: str, trust_remote_code: bool = False) -> ModelArtifact:
-    return import_model(model, cache_dir, trust_remote_code)
+def import_model_task(
+    model: str, cache_dir: str, trust_remote_code: bool = False, cache_storage_options: dict[str, Any] | None = None
+) -> ModelArtifact:
+    return import_model(model, cache_dir, trust_remote_code, cache_storage_options)

@@ -53,23 +53,29 @@ def tokenize_entry(
 
 
 def tokenize_dataset(
-    data: DataArtifact, model: ModelArtifact, options: TemplateOptions, cache_dir: str
+    data: DataArtifact,
+    model: ModelArtifact,
+    options: TemplateOptions,
+    cache_dir: str,
+    cache_storage_options: dict[str, Any] | None = None,
 ) -> TokenizedArtifact:
-    """Tokenize the validated rows with token-exact loss masks, or reuse the entry under their key."""
+    """Tokenize the validated rows with token-exact loss masks, or reuse the entry under their key.
+    `cache_storage_options` reach every read and write under `cache_dir` (never the key)."""
     started = time.perf_counter()
+    cache = cache_storage_options
     key, url = tokenize_entry(data, model, options, cache_dir)
-    if storage.is_complete(url):
-        stats = read_entry(url)
+    if storage.is_complete(url, cache):
+        stats = read_entry(url, cache)
         if stats is not None:
             logger.info("tokenize: reusing %s (%.2f s)", url, time.perf_counter() - started)
             return TokenizedArtifact(stage=STAGE, uri=url, key=key, stats=stats, store_hit=True)
         logger.warning("tokenize: entry %s is unreadable; rebuilding it", url)
-    rebuild = storage.exists(url)  # a half-written or corrupt entry is replaced, a finished one never
-    tokenizer = formatting.load_tokenizer(storage.local_copy(model.uri))
-    datasets_by_split, stats = build_splits(list(read_canonical(data.uri)), tokenizer, options)
+    rebuild = storage.exists(url, cache)  # a half-written or corrupt entry is replaced, a finished one never
+    tokenizer = formatting.load_tokenizer(storage.local_copy(model.uri, cache))
+    datasets_by_split, stats = build_splits(list(read_canonical(data.uri, cache)), tokenizer, options)
     require_rows(stats, options)
     stats["seconds"] = round(time.perf_counter() - started, 3)
-    publish_entry(url, datasets_by_split, stats, replace=rebuild)
+    publish_entry(url, datasets_by_split, stats, replace=rebuild, storage_options=cache)
     logger.info("tokenize: wrote %s in %.2f s", url, stats["seconds"])
     return TokenizedArtifact(stage=STAGE, uri=url, key=key, stats=stats, store_hit=False)
 
@@ -168,7 +174,7 @@ def _empty_split_message(split: str, figures: dict[str, Any], options: TemplateO
     )
 
 
-def publish_entry(url: str, splits: dict, stats: dict[str, Any], replace: bool) -> None:
+def publish_entry(url: str, splits: dict, stats: dict[str, Any], replace: bool, storage_options: dict[str, Any] | None = None) -> None:
     """Write the DatasetDict and stats.json to scratch and rename them into place.
 
     Two runs building the same key both write complete, identical entries: with replace=False the
@@ -176,23 +182,23 @@ def publish_entry(url: str, splits: dict, stats: dict[str, Any], replace: bool) 
     import datasets
 
     try:
-        with storage.atomic_directory(url, replace=replace) as scratch:
+        with storage.atomic_directory(url, storage_options, replace=replace) as scratch:
             empty = {name: 1 for name, split in splits.items() if split.num_rows == 0}  # 0 shards would not load
             datasets.DatasetDict(splits).save_to_disk(str(scratch), num_shards=empty or None)
             (scratch / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
     except OSError:
         # Two rebuilds racing on one key: the other one's swap can make ours fail; its entry is fine.
-        if read_entry(url) is None:
+        if read_entry(url, storage_options) is None:
             raise
 
 
-def read_entry(url: str) -> dict[str, Any] | None:
+def read_entry(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The entry's statistics, or None when it cannot be loaded or does not match them."""
     import datasets
 
     try:
-        stats = storage.read_json(storage.join(url, STATS_FILE))
-        loaded = datasets.load_from_disk(url)
+        stats = storage.read_json(storage.join(url, STATS_FILE), storage_options)
+        loaded = datasets.load_from_disk(url, storage_options=storage_options or None)
         for split in SPLITS:
             columns = set(loaded[split].column_names)
             if loaded[split].num_rows != stats[split]["kept"] or columns != {"input_ids", "labels", "length"}:
@@ -209,16 +215,20 @@ CODE_VERSION = hashing.code_version(sys.modules[__name__], formatting, canonical
 
 @task(
     name=STAGE,
-    cache_key_fn=content_cache_key(tokenize_entry),
+    cache_key_fn=content_cache_key(tokenize_entry, "cache_storage_options"),
     persist_result=True,
     retries=2,
     retry_condition_fn=retry_transient,
     retry_delay_seconds=[2, 10],
 )
 def tokenize_task(
-    data: DataArtifact, model: ModelArtifact, options: TemplateOptions, cache_dir: str
+    data: DataArtifact,
+    model: ModelArtifact,
+    options: TemplateOptions,
+    cache_dir: str,
+    cache_storage_options: dict[str, Any] | None = None,
 ) -> TokenizedArtifact:
-    result = tokenize_dataset(data, model, options, cache_dir)
+    result = tokenize_dataset(data, model, options, cache_dir, cache_storage_options)
     publish_tokenize_stats(result)
     return result
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from prefect import task
 
@@ -57,34 +57,42 @@ def train_model(
     cache_dir: str,
     progress: Callable[[dict], None] | None = None,
     trust_remote_code: bool = False,
+    cache_storage_options: dict[str, Any] | None = None,
 ) -> TrainArtifact:
-    """Train (or reuse a complete entry) and describe the result."""
+    """Train (or reuse a complete entry) and describe the result. `cache_storage_options` (the
+    fsspec options of `cache_dir`) reach the training core through the spec, never the key."""
     key, url = train_entry(tokenized, model, options, cache_dir, trust_remote_code)
-    if storage.is_complete(url):
-        return _artifact(key, url, options, store_hit=True)
-    launcher.train(train_spec(tokenized, model, options, cache_dir, trust_remote_code), progress)
-    return _artifact(key, url, options, store_hit=False)
+    if storage.is_complete(url, cache_storage_options):
+        return _artifact(key, url, options, True, cache_storage_options)
+    launcher.train(train_spec(tokenized, model, options, cache_dir, trust_remote_code, cache_storage_options), progress)
+    return _artifact(key, url, options, False, cache_storage_options)
 
 
 def train_spec(
-    tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str, trust_remote_code: bool = False
+    tokenized: TokenizedArtifact,
+    model: ModelArtifact,
+    options: TrainOptions,
+    cache_dir: str,
+    trust_remote_code: bool = False,
+    cache_storage_options: dict[str, Any] | None = None,
 ) -> trainer.TrainSpec:
     """What the training core (in this process or under torchrun) is told to do."""
     key, url = train_entry(tokenized, model, options, cache_dir, trust_remote_code)
     return trainer.TrainSpec(
-        model_dir=str(storage.local_copy(model.uri)),
-        data_dir=str(storage.local_copy(tokenized.uri)),
+        model_dir=str(storage.local_copy(model.uri, cache_storage_options)),
+        data_dir=str(storage.local_copy(tokenized.uri, cache_storage_options)),
         output_url=url,
         checkpoint_url=checkpoint_url(cache_dir, key),
         settings=options.settings(),
         run_id=key[:16],
         trust_remote_code=trust_remote_code,
+        storage_options=dict(cache_storage_options or {}),
     )
 
 
-def _artifact(key: str, url: str, options: TrainOptions, store_hit: bool) -> TrainArtifact:
+def _artifact(key: str, url: str, options: TrainOptions, store_hit: bool, storage_options: dict[str, Any] | None) -> TrainArtifact:
     stats_url = storage.join(url, "train_stats.json")
-    stats = storage.read_json(stats_url) if storage.exists(stats_url) else {}
+    stats = storage.read_json(stats_url, storage_options) if storage.exists(stats_url, storage_options) else {}
     return TrainArtifact(
         stage="train",
         uri=url,
@@ -173,12 +181,13 @@ def train_until_it_fits(
     cache_dir: str,
     progress: Callable[[dict], None] | None = None,
     trust_remote_code: bool = False,
+    cache_storage_options: dict[str, Any] | None = None,
 ) -> TrainArtifact:
     """train_model, halving the micro-batch and doubling accumulation after each CUDA OOM; the
     effective batch, the cache key and the checkpoints to resume from stay the same."""
     while True:
         try:
-            return train_model(tokenized, model, options, cache_dir, progress, trust_remote_code)
+            return train_model(tokenized, model, options, cache_dir, progress, trust_remote_code, cache_storage_options)
         except Exception as error:
             smaller = split_micro_batch(options) if is_out_of_memory(error) else None
             if smaller is None:
@@ -203,13 +212,18 @@ def _release_cuda_memory() -> None:
 
 @task(
     name="train",
-    cache_key_fn=content_cache_key(train_entry),
+    cache_key_fn=content_cache_key(train_entry, "cache_storage_options"),
     persist_result=True,
     retries=2,
     retry_condition_fn=retry_transient,
     retry_delay_seconds=[5, 30],
 )
 def train_task(
-    tokenized: TokenizedArtifact, model: ModelArtifact, options: TrainOptions, cache_dir: str, trust_remote_code: bool = False
+    tokenized: TokenizedArtifact,
+    model: ModelArtifact,
+    options: TrainOptions,
+    cache_dir: str,
+    trust_remote_code: bool = False,
+    cache_storage_options: dict[str, Any] | None = None,
 ) -> TrainArtifact:
-    return train_until_it_fits(tokenized, model, options, cache_dir, PrefectProgress(), trust_remote_code)
+    return train_until_it_fits(tokenized, model, options, cache_dir, PrefectProgress(), trust_remote_code, cache_storage_options)

@@ -226,16 +226,19 @@ def canonical_rows(checked: CheckedFile) -> list[Row]:
 # --- the stage ---------------------------------------------------------------------------------
 
 
-def validate_data(data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str) -> DataArtifact:
-    """Read, check and canonicalise the data; publish data.jsonl + report.json under its key."""
+def validate_data(
+    data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str, cache_storage_options: dict[str, Any] | None = None
+) -> DataArtifact:
+    """Read, check and canonicalise the data; publish data.jsonl + report.json under its key.
+    `cache_storage_options` are the fsspec options of `cache_dir` (never part of the key)."""
     sources = _sources(data, eval_data, options)
     # Each file is read once: the key hashes exactly the bytes that are parsed, so a file that
     # changes during the run can never be stored under its old content's key.
     raws = [read_source(source, options.storage_options) for source in sources]
     key, url = _entry(sources, [_source_hash(source, raw) for source, raw in zip(sources, raws)], options, cache_dir)
-    if storage.is_complete(url):
-        return _artifact(url, storage.read_json(storage.join(url, "report.json")), store_hit=True)
-    checked = _check_all(sources, raws, options, cache_dir, key)
+    if storage.is_complete(url, cache_storage_options):
+        return _artifact(url, storage.read_json(storage.join(url, "report.json"), cache_storage_options), store_hit=True)
+    checked = _check_all(sources, raws, options, cache_dir, key, cache_storage_options)
     rows = [row for file in checked for row in canonical_rows(file)]
     duplicates = find_duplicates(rows)
     if options.dedupe:
@@ -249,10 +252,12 @@ def validate_data(data: list[str], eval_data: list[str], options: DataOptions, c
         raise DataValidationError(
             f"no training rows left: {report['rows_read']} read, dropped {report['dropped_by_reason']} (inputs: {', '.join(data)})"
         )
-    return _publish(url, rows, report)
+    return _publish(url, rows, report, cache_storage_options)
 
 
-def _check_all(sources: list[Source], raws: list[bytes | None], options: DataOptions, cache_dir: str, key: str) -> list[CheckedFile]:
+def _check_all(
+    sources: list[Source], raws: list[bytes | None], options: DataOptions, cache_dir: str, key: str, cache_options: dict[str, Any] | None
+) -> list[CheckedFile]:
     """Every file parsed and checked; raises once, naming every bad file and (policy 'fail') row."""
     checked, problems = [], []
     for i, source in enumerate(sources):
@@ -264,11 +269,15 @@ def _check_all(sources: list[Source], raws: list[bytes | None], options: DataOpt
     failures = [failure for file in checked for failure in file.failures]
     if problems or (failures and options.on_invalid == "fail"):
         rejected = failures if options.on_invalid == "fail" else []
-        raise DataValidationError(_error_message(problems, rejected, _failure_report(key, checked, problems, rejected, cache_dir)))
+        report = _failure_report(key, checked, problems, rejected, cache_dir, cache_options)
+        raise DataValidationError(_error_message(problems, rejected, report))
     return checked
 
 
-def _failure_report(key: str, checked: list[CheckedFile], problems: list[str], failures: list[RowFailure], cache_dir: str) -> str | None:
+def _failure_report(
+    key: str, checked: list[CheckedFile], problems: list[str], failures: list[RowFailure], cache_dir: str,
+    cache_options: dict[str, Any] | None,
+) -> str | None:
     if not failures:
         return None
     url = storage.join(cache_dir, "validation-reports", f"{key}.json")
@@ -278,7 +287,7 @@ def _failure_report(key: str, checked: list[CheckedFile], problems: list[str], f
         "files": _file_summaries(checked),
         "file_problems": problems,
         "invalid_rows": [vars(failure) for failure in failures],
-    })
+    }, cache_options)
     return url
 
 
@@ -369,9 +378,9 @@ def _report(
     }
 
 
-def _publish(url: str, rows: list[Row], report: dict[str, Any]) -> DataArtifact:
+def _publish(url: str, rows: list[Row], report: dict[str, Any], cache_options: dict[str, Any] | None) -> DataArtifact:
     report["content_key"] = content_key(rows)
-    with storage.atomic_directory(url) as scratch:
+    with storage.atomic_directory(url, cache_options) as scratch:
         write_canonical(scratch / "data.jsonl", rows)
         (scratch / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     logger.info("validated %s rows (%s train, %s eval), dropped %s", report["rows_kept"], report["train_rows"], report["eval_rows"], report["rows_dropped"])
@@ -410,14 +419,16 @@ def publish_validation_table(artifact: DataArtifact) -> None:
 
 @task(
     name=STAGE,
-    cache_key_fn=content_cache_key(validate_entry),
+    cache_key_fn=content_cache_key(validate_entry, "cache_storage_options"),
     persist_result=True,
     retries=2,
     retry_condition_fn=retry_transient,
     retry_delay_seconds=[2, 10],
 )
-def validate_task(data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str) -> DataArtifact:
-    artifact = validate_data(data, eval_data, options, cache_dir)
+def validate_task(
+    data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str, cache_storage_options: dict[str, Any] | None = None
+) -> DataArtifact:
+    artifact = validate_data(data, eval_data, options, cache_dir, cache_storage_options)
     entry_url = artifact.uri.rsplit("/", 1)[0]  # <cache_dir>/validated/<key>/data.jsonl
     ensure_record_matches(entry_url.rsplit("/", 1)[-1], entry_url)
     publish_validation_table(artifact)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import traceback
 from pathlib import Path
 
+import fsspec
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from tests.tiny import build_model, build_tokenizer
 
@@ -190,3 +193,51 @@ def kill_after_first_checkpoint(tokenized, base, opts, cache: Path, progress_del
     finally:
         process.wait()
     return process, descendants, url
+
+
+# --- a cache that is reached only with its storage options (tests of cache_storage_options) ---
+
+LOCKED_TOKEN = "s3cr3t"
+
+
+class LockedMemoryFileSystem(MemoryFileSystem):
+    """In-memory files under lockedmem:// (a store of their own) that, like a bucket behind
+    credentials, refuse to be opened without token=LOCKED_TOKEN. Every refusal is recorded in
+    `refused` with the code that asked, so one that a caller swallows (a Prefect cache key, an
+    artifact publisher, a reader that rebuilds what it cannot read) still fails the test.
+    Instances are never cached: no call can borrow one that another call opened."""
+
+    protocol = "lockedmem"
+    cachable = False
+    store: dict = {}
+    pseudo_dirs = [""]
+    refused: list[str] = []
+
+    def __init__(self, *args, token=None, **kwargs):
+        if token != LOCKED_TOKEN:
+            LockedMemoryFileSystem.refused.append("".join(traceback.format_stack(limit=12)[:-1]))
+            raise PermissionError("lockedmem:// needs its storage options (token)")
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("lockedmem://") if isinstance(path, str) else path)
+
+
+@pytest.fixture()
+def locked_cache(tmp_path, monkeypatch):
+    """(cache_dir, cache_storage_options) of an empty lockedmem:// cache. Downloads of its entries
+    go to a fresh folder, so none left by an earlier test lets a reader skip the filesystem."""
+    fsspec.register_implementation("lockedmem", LockedMemoryFileSystem, clobber=True)
+    monkeypatch.setenv("SFT_LOCAL_CACHE", str(tmp_path / "downloads"))
+    LockedMemoryFileSystem.store.clear()
+    LockedMemoryFileSystem.pseudo_dirs[:] = [""]
+    LockedMemoryFileSystem.refused.clear()
+    yield "lockedmem://cache", {"token": LOCKED_TOKEN}
+    LockedMemoryFileSystem.store.clear()
+    LockedMemoryFileSystem.pseudo_dirs[:] = [""]
+
+
+def locked_bytes() -> dict[str, bytes]:
+    """Every file in the lockedmem:// store, by path."""
+    return {path: file.getvalue() for path, file in LockedMemoryFileSystem.store.items()}

@@ -10,8 +10,8 @@ import pytest
 
 from tasks.core import storage
 from tasks.core.checkpoints import Checkpoints, unique_tensors
-from tasks.train import checkpoint_url, train_model
-from tests.conftest import assert_same_weights, kill_after_first_checkpoint
+from tasks.train import checkpoint_url, train_entry, train_model
+from tests.conftest import LockedMemoryFileSystem, assert_same_weights, kill_after_first_checkpoint, locked_bytes
 from tests.conftest import train_options as options
 
 
@@ -65,3 +65,26 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_base, tiny_tokenize
     assert [r["loss"] for r in curve] == pytest.approx([r["loss"] for r in storage.read_json(uninterrupted.loss_curve_uri)], rel=1e-6)
     assert_same_weights(resumed, uninterrupted, atol=1e-6)
     assert not storage.exists(checkpoint_url(str(crashed_cache), resumed.key))  # removed once published
+
+
+class Stop(Exception):
+    """Raised by a progress callback: the run stops as a crash would, its checkpoints in place."""
+
+
+def test_checkpoints_in_a_cache_behind_credentials_are_written_read_and_removed_with_them(tiny_base, tiny_tokenized, locked_cache):
+    cache_dir, cache_options = locked_cache
+    opts = options(max_steps=4, checkpoint_every=2)
+
+    def stop_at_step_3(event: dict) -> None:
+        if event.get("event") == "step" and event["step"] == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_model(tiny_tokenized, tiny_base, opts, cache_dir, progress=stop_at_step_3, cache_storage_options=cache_options)
+    key, url = train_entry(tiny_tokenized, tiny_base, opts, cache_dir)
+    assert Checkpoints(checkpoint_url(cache_dir, key), 2, cache_options).complete_steps() == [2]
+    resumed = train_model(tiny_tokenized, tiny_base, opts, cache_dir, cache_storage_options=cache_options)
+    assert resumed.uri == url and resumed.stats["resumed_from_step"] == 2 and resumed.stats["steps"] == 4
+    assert [r["step"] for r in storage.read_json(resumed.loss_curve_uri, cache_options)] == [1, 2, 3, 4]
+    assert not any(".checkpoints" in path for path in locked_bytes())  # removed once the weights were published
+    assert LockedMemoryFileSystem.refused == []

@@ -285,3 +285,49 @@ def test_kill_9_of_the_cli_takes_its_prefect_server_down(tmp_path, tiny_model_di
     code, _ = run.stop(process, signal.SIGKILL, group=False)
     assert code == -signal.SIGKILL
     assert wait_until_gone(run) == []
+
+
+# --- a cache that is reached only with its storage options --------------------------------------
+
+
+def test_a_cache_behind_credentials_is_reached_with_them_by_every_stage(first_run, locked_cache, tiny_model_dir, tmp_path, capfd):
+    """Before: only evaluate and export passed cache_storage_options; validate-data, import-model,
+    tokenize-and-cache, train (and its checkpoints) and the flow's own checks opened the cache
+    without them. This cache refuses every access without its token and records the refusals
+    that a caller swallowed (a Prefect cache key, an artifact publisher, a reader that rebuilds)."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from tests.conftest import ALPACA_ROWS, LOCKED_TOKEN, LockedMemoryFileSystem, locked_bytes
+
+    cache_dir, options = locked_cache
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(ALPACA_ROWS * 4))
+    config = tiny_config(tiny_model_dir, data, tmp_path, cache_dir=cache_dir, cache_storage_options=options)
+    # A remote cache keeps Prefect's default result storage: here a folder of this test's own.
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
+        first, again = sft(config), sft(config)  # the second one republishes the cached stages' reports
+    assert LockedMemoryFileSystem.refused == [], "opened without its storage options:\n" + "\n".join(LockedMemoryFileSystem.refused)
+    assert first["status"] == again["status"] == "completed"
+    for stage in STAGES[:-1]:
+        assert first["stages"][stage]["uri"].startswith(cache_dir), stage
+    assert {entry["cache"] for entry in first["stages"].values()} == {"miss"}
+    assert {entry["cache"] for entry in again["stages"].values()} == {"hit"}
+    stored = locked_bytes()
+    assert any(path.endswith("train_stats.json") for path in stored)
+    assert not any(".checkpoints" in path for path in stored)  # one written at step 2, removed once published
+    # Where the cache is and how it is reached is no part of what it holds: the same keys as a
+    # local cache, and the token in no entry, manifest, stats, release file or log line.
+    _, local = first_run
+    assert {stage: entry["key"] for stage, entry in first["stages"].items()} == {
+        stage: entry["key"] for stage, entry in local["stages"].items()
+    }
+    assert [path for path, content in stored.items() if LOCKED_TOKEN.encode() in content] == []
+    release_files = [path for path in (tmp_path / "release").rglob("*") if path.is_file()]
+    assert release_files and [path for path in release_files if LOCKED_TOKEN.encode() in path.read_bytes()] == []
+    assert LOCKED_TOKEN not in json.dumps([first, again], default=str)
+    assert LOCKED_TOKEN not in "".join(capfd.readouterr())
+    # The CLI's closing summary reads the evaluation from the same cache.
+    from flows.report import format_run_summary
+
+    assert "Base vs tuned" in format_run_summary(first, 1.0, options)
+    assert LockedMemoryFileSystem.refused == []

@@ -68,6 +68,13 @@ def test_torchrun_only_for_several_processes_and_never_from_a_worker(monkeypatch
 def test_the_spec_survives_the_json_file_the_workers_read(tiny_base, tiny_tokenized, tmp_path):
     spec = train_spec(tiny_tokenized, tiny_base, options(devices=2, strategy="fsdp"), str(tmp_path))
     assert trainer.TrainSpec.from_dict(json.loads(json.dumps(asdict(spec)))) == spec
+    # The workers reach the cache with its storage options; they stay out of reprs (logs, tracebacks).
+    cache_options = {"token": "worker-s3cr3t"}
+    spec = train_spec(tiny_tokenized, tiny_base, options(devices=2), str(tmp_path), cache_storage_options=cache_options)
+    read_back = trainer.TrainSpec.from_dict(json.loads(json.dumps(asdict(spec))))
+    assert read_back == spec and read_back.storage_options == cache_options
+    assert "worker-s3cr3t" not in repr(spec)
+    assert trainer.TrainSpec.from_dict({k: v for k, v in asdict(spec).items() if k != "storage_options"}).storage_options == {}
 
 
 # ------------------------------------------------------------------------------- real torchrun

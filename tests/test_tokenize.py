@@ -200,6 +200,31 @@ def test_concurrent_builds_of_one_key_do_not_corrupt_it(setup, monkeypatch):
     assert leftovers == []
 
 
+def test_a_cache_behind_credentials_is_read_written_reused_and_rebuilt_with_them(setup, locked_cache):
+    """The validated rows and the model are entries of that cache too, as the flow hands them on."""
+    from tests.conftest import LockedMemoryFileSystem
+
+    cache_dir, cache_options = locked_cache
+    data = setup.data.model_copy(update={"uri": f"{cache_dir}/validated/rows/data.jsonl"})
+    storage.write_bytes_atomic(data.uri, Path(setup.data.uri).read_bytes(), cache_options)
+    model = setup.model.model_copy(update={"uri": f"{cache_dir}/models/tiny"})
+    with storage.atomic_directory(model.uri, cache_options) as scratch:
+        shutil.copytree(setup.model.uri, scratch, dirs_exist_ok=True)
+    local = stage.tokenize_dataset(setup.data, setup.model, setup.options, setup.cache)
+    first = stage.tokenize_dataset(data, model, setup.options, cache_dir, cache_options)
+    assert first.uri == f"{cache_dir}/tokenized/{local.key}" and not first.store_hit
+    assert datasets.load_from_disk(first.uri, storage_options=cache_options)["train"]["input_ids"] == (
+        datasets.load_from_disk(local.uri)["train"]["input_ids"]
+    )
+    again = stage.tokenize_dataset(data, model, setup.options, cache_dir, cache_options)
+    assert again.store_hit and again.stats == first.stats
+    fs, path = storage.filesystem(first.uri, cache_options)
+    fs.rm(f"{path}/{storage.COMPLETE_MARKER}")  # a half-written entry
+    rebuilt = stage.tokenize_dataset(data, model, setup.options, cache_dir, cache_options)
+    assert not rebuilt.store_hit and storage.is_complete(rebuilt.uri, cache_options)
+    assert LockedMemoryFileSystem.refused == []
+
+
 def test_template_error_names_the_source(setup, tmp_path):
     folder = tmp_path / "unstable-tokenizer"
     build_tokenizer(folder, chat_template="{% for m in messages %}{% if loop.last %}!{% endif %}"

@@ -220,11 +220,11 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tiny
     tried = []
     real = stage.train_model
 
-    def fails_above_two(tokenized, model, opts, cache_dir, progress=None, trust_remote_code=False):
+    def fails_above_two(tokenized, model, opts, cache_dir, progress=None, trust_remote_code=False, cache_storage_options=None):
         tried.append((opts.micro_batch_size, opts.grad_accum))
         if opts.micro_batch_size > 2:
             raise trainer.WorkerError("training worker (rank 0) failed: OutOfMemoryError: CUDA out of memory")
-        return real(tokenized, model, opts, cache_dir, progress, trust_remote_code)
+        return real(tokenized, model, opts, cache_dir, progress, trust_remote_code, cache_storage_options)
 
     monkeypatch.setattr(stage, "train_model", fails_above_two)
     result = stage.train_until_it_fits(tiny_tokenized, tiny_base, options(micro_batch_size=8, grad_accum=1, max_steps=1), str(tmp_path))

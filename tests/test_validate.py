@@ -156,6 +156,24 @@ def test_fail_lists_twenty_rows_and_reports_them_all(mem, cache):
     assert len(storage.read_json(report_url)["invalid_rows"]) == 25
 
 
+def test_a_cache_behind_credentials_gets_the_entry_and_the_failure_report_with_them(mem, locked_cache):
+    from tests.conftest import LockedMemoryFileSystem
+
+    cache_dir, cache_options = locked_cache
+    url = put(f"{mem}/a.jsonl", ALPACA_ROWS, "jsonl")
+    first = validate_data([url], [], DataOptions(), cache_dir, cache_options)
+    assert first.uri.startswith(f"{cache_dir}/validated/") and not first.store_hit
+    assert validate_data([url], [], DataOptions(), cache_dir, cache_options).store_hit
+    assert storage.read_json(first.report_uri, cache_options)["rows_kept"] == len(ALPACA_ROWS)
+    bad = put(f"{mem}/bad.jsonl", [GOOD, {"instruction": 3, "output": "A."}], "jsonl")
+    with pytest.raises(DataValidationError) as raised:
+        validate_data([bad], [], DataOptions(), cache_dir, cache_options)
+    report_url = str(raised.value).splitlines()[0].rsplit("full list: ", 1)[1]
+    assert report_url.startswith(f"{cache_dir}/validation-reports/")
+    assert storage.read_json(report_url, cache_options)["status"] == "failed"
+    assert LockedMemoryFileSystem.refused == []
+
+
 def test_drop_removes_counts_and_reports_bad_rows(mem, cache):
     rows = [GOOD, {"instruction": 1, "output": "A."}, {"instruction": "", "output": "A."}, {"instruction": "Q", "output": None}, 7]
     artifact, out = run([put(f"{mem}/d.json", rows)], cache, on_invalid="drop")

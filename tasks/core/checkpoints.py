@@ -32,32 +32,32 @@ TRAINABLE_FILE = "trainable.safetensors"
 class Checkpoints:
     """step-XXXXXXXX folders under one URL, each published atomically with a marker written last."""
 
-    def __init__(self, url: str, keep: int):
-        self.url, self.keep = url, keep
+    def __init__(self, url: str, keep: int, storage_options: dict[str, Any] | None = None):
+        self.url, self.keep, self.storage_options = url, keep, storage_options or {}
 
     def complete_steps(self) -> list[int]:
-        fs, path = storage.filesystem(self.url)
+        fs, path = storage.filesystem(self.url, self.storage_options)
         if not fs.exists(path):
             return []
         names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
         steps = [int(name[5:]) for name in names if name.startswith("step-") and name[5:].isdigit()]
-        return sorted(step for step in steps if storage.is_complete(self.folder(step)))
+        return sorted(step for step in steps if storage.is_complete(self.folder(step), self.storage_options))
 
     def folder(self, step: int) -> str:
         return storage.join(self.url, f"step-{step:08d}")
 
     def prune(self) -> None:
         """Keep the newest `keep` complete checkpoints; drop older ones and abandoned temp folders."""
-        fs, path = storage.filesystem(self.url)
+        fs, path = storage.filesystem(self.url, self.storage_options)
         for step in self.complete_steps()[: -self.keep]:
-            fs.rm(storage.filesystem(self.folder(step))[1], recursive=True)
-        if storage.is_local(self.url) and Path(path).is_dir():
+            fs.rm(storage.filesystem(self.folder(step), self.storage_options)[1], recursive=True)
+        if storage.is_local(self.url, self.storage_options) and Path(path).is_dir():
             for leftover in Path(path).glob(".step-*.tmp-*"):
                 if time.time() - leftover.stat().st_mtime > 60:  # not one being written right now
                     shutil.rmtree(leftover, ignore_errors=True)
 
     def remove_all(self) -> None:
-        fs, path = storage.filesystem(self.url)
+        fs, path = storage.filesystem(self.url, self.storage_options)
         if fs.exists(path):
             fs.rm(path, recursive=True)
 
@@ -126,7 +126,7 @@ def save_checkpoint(ckpts: Checkpoints, state: TrainState, model, optimizer, sch
     rng = _gather(rt, _rng_state(rt))
     if not rt.main:
         return
-    with storage.atomic_directory(ckpts.folder(state.step)) as scratch:
+    with storage.atomic_directory(ckpts.folder(state.step), ckpts.storage_options) as scratch:
         save_file(unique_tensors(weights, model), str(scratch / TRAINABLE_FILE))
         torch.save(optim_state, scratch / "optimizer.pt")
         extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None, "rng": rng}
@@ -143,7 +143,7 @@ def load_checkpoint(ckpts: Checkpoints, model, optimizer, scheduler, scaler, rt:
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    folder = storage.local_copy(ckpts.folder(steps[-1]))
+    folder = storage.local_copy(ckpts.folder(steps[-1]), ckpts.storage_options)
     weights = load_file(str(folder / TRAINABLE_FILE))
     optim_state = torch.load(folder / "optimizer.pt", weights_only=True)
     options = StateDictOptions(full_state_dict=True, strict=False)

@@ -80,7 +80,7 @@ def launch_torchrun(spec: TrainSpec, progress: Progress | None = None) -> dict:
             first = errors[0]
             raise WorkerError(f"training worker (rank {first['rank']}) failed: {first['type']}: {first['message']}")
         raise WorkerError(f"torchrun exited with {process.returncode}:\n" + "".join(tail), crashed=True)
-    return storage.read_json(storage.join(spec.output_url, "train_stats.json"))
+    return storage.read_json(storage.join(spec.output_url, "train_stats.json"), spec.storage_options)
 
 
 def _stream(process: subprocess.Popen, progress: Progress | None) -> tuple[list[dict], deque]:

@@ -34,8 +34,8 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     return url_to_fs(url, **(storage_options or {}))
 
 
-def is_local(url: str) -> bool:
-    fs, _ = filesystem(url)
+def is_local(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, _ = filesystem(url, storage_options)
     return isinstance(fs, LocalFileSystem)
 
 

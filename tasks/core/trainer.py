@@ -82,6 +82,9 @@ class TrainSpec:
     settings: TrainSettings  # TrainOptions.settings()
     run_id: str = "sft"  # torchrun rendezvous id (the stage passes its content key)
     trust_remote_code: bool = False  # run the model repository's own modeling code (config.trust_remote_code)
+    # fsspec options of output_url and checkpoint_url (the cache's: credentials, endpoint). They say
+    # where bytes go, not what they are: kept out of the repr, the stats and the checkpoints.
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainSpec":
@@ -548,7 +551,7 @@ def run_worker(spec: TrainSpec, progress: Progress | None = None, rows: TokenRow
     rt = start_runtime(spec.settings)
     try:
         session = Session(spec, rt, rows if rows is not None else load_rows(spec.data_dir))
-        ckpts = Checkpoints(spec.checkpoint_url, spec.settings.keep_checkpoints)
+        ckpts = Checkpoints(spec.checkpoint_url, spec.settings.keep_checkpoints, spec.storage_options)
         state = load_checkpoint(ckpts, session.model, session.optimizer, session.scheduler, session.scaler, rt)
         _train_loop(session, state, ckpts, meter, progress if rt.main else None, show_bar and rt.main)
         stats = _stats(session, state, meter)
@@ -661,7 +664,7 @@ def publish_outputs(session: Session, state: TrainState, stats: dict) -> None:
 
     unwrapped = getattr(session.model, "module", session.model)
     tokenizer = AutoTokenizer.from_pretrained(session.spec.model_dir, trust_remote_code=session.spec.trust_remote_code)
-    with storage.atomic_directory(session.spec.output_url) as scratch:
+    with storage.atomic_directory(session.spec.output_url, session.spec.storage_options) as scratch:
         target = scratch / ("adapter" if lora else "model")
         if not lora:  # fp32 master weights, saved as trained; export decides the release dtype
             weights = unique_tensors(weights, unwrapped)
