@@ -5,6 +5,8 @@ artifacts read back through the API, invalid parameters refused, the GPU limit h
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import sys
 import time
@@ -160,7 +162,7 @@ def test_second_scheduled_run_is_all_cache_hits_and_a_changed_byte_reruns_downst
 
     def run() -> tuple[dict[str, str], float]:
         started = time.monotonic()
-        with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
+        with temporary_settings({PREFECT_API_URL: prefect_server.api_url}), concurrency_services_of_this_server():
             manifest = sft(config)
         assert json.loads(Path(manifest["manifest_uri"]).read_text())["stages"] == manifest["stages"]
         return {stage: entry["cache"] for stage, entry in manifest["stages"].items()}, time.monotonic() - started
@@ -206,3 +208,16 @@ def test_serve_entry_registers_the_deployments_with_their_schedule(prefect_serve
         assert wait_for(lambda: prefect_server.deployment("sft", "manual-served")["status"] == "READY", 60, "serve's heartbeat")
     finally:
         serve.stop()
+
+
+@contextlib.contextmanager
+def concurrency_services_of_this_server():
+    """Prefect acquires tag concurrency slots through one service per set of tags and process,
+    bound to the API it first talked to. Stop it after these in-process runs, or later flows of
+    this test session (on the harness's server) would queue for the `gpu` slot of this one."""
+    from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService
+
+    try:
+        yield
+    finally:
+        ConcurrencySlotAcquisitionWithLeaseService.drain_all(timeout=30)
