@@ -73,8 +73,7 @@ def check_output_target(
         raise storage.RefusedTargetError(
             f"--output {shown} is an existing file, not a release folder: refusing to replace it. Choose a new folder."
         )
-    names = sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False))
-    foreign = _foreign_entries(fs, path, names)
+    foreign = _foreign_entries(fs, path, sorted(_names(fs, path)))
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise storage.RefusedTargetError(
