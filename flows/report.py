@@ -46,7 +46,7 @@ def format_run_summary(manifest: dict[str, Any], wall_s: float, cache_storage_op
         f"Run {manifest.get('status')} in {wall_s:.1f} s. Manifest: {manifest.get('manifest_uri')}",
         _table(
             ["stage", "cache", "wall s", "artifact"],
-            [[name, entry["cache"], entry["wall_s"], entry["uri"]] for name, entry in stages.items()],
+            [[name, entry["cache"], f"{entry['wall_s']:.2f}", entry["uri"]] for name, entry in stages.items()],  # seconds, not a metric
         ),
     ]
     if manifest.get("status") == "dry-run":

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.caching import InputsChangedError
-from tasks.core.trainer import WorkerError
+from tasks.core.trainer import WorkerError, is_out_of_memory
 
 # OSErrors that say the same thing on every attempt.
 PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
@@ -22,17 +22,9 @@ def is_transient(error: BaseException | None) -> bool:
         return False  # our deterministic errors (data, model source, refused targets) are ValueErrors
     if isinstance(error, (InputsChangedError, ConnectionError, TimeoutError)):
         return True
-    if isinstance(error, WorkerError):
-        return error.crashed or "OutOfMemoryError" in str(error)
-    if _is_out_of_memory(error):
+    if (isinstance(error, WorkerError) and error.crashed) or is_out_of_memory(error):
         return True
     return isinstance(error, OSError) and not isinstance(error, PERMANENT_OS_ERRORS)
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError)
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

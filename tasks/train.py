@@ -165,15 +165,6 @@ def split_micro_batch(options: TrainOptions) -> TrainOptions | None:
     return options.model_copy(update={"micro_batch_size": half, "grad_accum": accum})
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """Out of device memory, in this process or reported by a torchrun worker."""
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, trainer.WorkerError) and "OutOfMemoryError" in str(error)
-    )
-
-
 def train_until_it_fits(
     tokenized: TokenizedArtifact,
     model: ModelArtifact,
@@ -189,7 +180,7 @@ def train_until_it_fits(
         try:
             return train_model(tokenized, model, options, cache_dir, progress, trust_remote_code, cache_storage_options)
         except Exception as error:
-            smaller = split_micro_batch(options) if is_out_of_memory(error) else None
+            smaller = split_micro_batch(options) if trainer.is_out_of_memory(error) else None
             if smaller is None:
                 raise
             logger.warning(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import pytest
 
 from tasks.core import storage
@@ -13,6 +12,7 @@ from tasks.core.checkpoints import Checkpoints, unique_tensors
 from tasks.train import checkpoint_url, train_entry, train_model
 from tests.conftest import LockedMemoryFileSystem, assert_same_weights, kill_after_first_checkpoint, locked_bytes
 from tests.conftest import train_options as options
+from tests.test_storage import dead_pid
 
 
 def publish(ckpts: Checkpoints, step: int) -> None:
@@ -25,11 +25,12 @@ def test_only_complete_checkpoints_count_and_the_newest_are_kept(tmp_path):
     assert ckpts.complete_steps() == []
     for step in (2, 4, 6):
         publish(ckpts, step)
-    # What a save killed mid-write leaves: a hidden scratch folder, old or still being written.
-    abandoned, writing = tmp_path / "ckpt" / ".step-00000008.tmp-1-a", tmp_path / "ckpt" / ".step-00000008.tmp-2-b"
+    # What a save killed mid-write leaves: a hidden scratch folder whose writer is gone, beside one
+    # whose writer (this process) is still at work.
+    abandoned = tmp_path / "ckpt" / f".step-00000008.tmp-{dead_pid()}-a"
+    writing = tmp_path / "ckpt" / f".step-00000008.tmp-{os.getpid()}-b"
     abandoned.mkdir()
     writing.mkdir()
-    os.utime(abandoned, (time.time() - 120, time.time() - 120))
     assert ckpts.complete_steps() == [2, 4, 6]
     ckpts.prune()
     assert ckpts.complete_steps() == [4, 6]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,9 +50,7 @@ class Checkpoints:
         for step in self.complete_steps()[: -self.keep]:
             fs.rm(storage.filesystem(self.folder(step), self.storage_options)[1], recursive=True)
         if storage.is_local(self.url, self.storage_options) and Path(path).is_dir():
-            for leftover in Path(path).glob(".step-*.tmp-*"):
-                if time.time() - leftover.stat().st_mtime > 60:  # not one being written right now
-                    shutil.rmtree(leftover, ignore_errors=True)
+            storage.remove_stale_scratch(Path(path), name="*")  # scratch of writers that were killed
 
     def remove_all(self) -> None:
         fs, path = storage.filesystem(self.url, self.storage_options)

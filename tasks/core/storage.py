@@ -113,18 +113,21 @@ def _scratch_prefix(target: Path, kind: str) -> str:
     return f".{target.name}.{kind}-"
 
 
-def remove_stale_scratch(target: Path) -> list[Path]:
-    """Delete the scratch siblings of `target` whose writing process is gone; returns them.
+def remove_stale_scratch(target: Path, name: str | None = None) -> list[Path]:
+    """Delete the scratch siblings of `target` whose writing process is gone; returns them. With
+    name="*": those of every entry in the folder `target` (checkpoints prune theirs this way).
 
     A retired previous entry (`.old-`) whose writer died between the two renames of a swap is the
     only copy of that entry: it is put back when nothing took its place."""
+    folder, name = (target, name) if name else (target.parent, target.name)
     removed = []
     for kind in ("tmp", "old"):
-        for sibling in target.parent.glob(_scratch_prefix(target, kind) + "*"):
-            if not sibling.is_dir() or _writer_alive(sibling.name[len(_scratch_prefix(target, kind)):]):
+        for sibling in folder.glob(f".{name}.{kind}-*"):
+            entry, _, suffix = sibling.name[1:].rpartition(f".{kind}-")
+            if not sibling.is_dir() or _writer_alive(suffix):
                 continue
-            if kind == "old" and not target.exists():
-                os.replace(sibling, target)
+            if kind == "old" and not (folder / entry).exists():
+                os.replace(sibling, folder / entry)
                 continue
             shutil.rmtree(sibling, ignore_errors=True)
             removed.append(sibling)

@@ -70,6 +70,11 @@ class WorkerError(RuntimeError):
         self.crashed = crashed
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Out of device memory, in this process or reported by a torchrun worker."""
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, WorkerError) and "OutOfMemoryError" in str(error))
+
+
 @dataclass
 class TrainSpec:
     """Everything a training process needs; JSON-able (`asdict`, `from_dict`) so torchrun workers
