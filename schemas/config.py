@@ -79,7 +79,11 @@ class TemplateOptions(_Section):
         description="Rows longer than max_length: 'drop' them (counted), or 'truncate_response' (keep the prompt, cut the answer, keep its end marker).",
     )
     train_on: Literal["all_assistant", "last_assistant"] = Field(
-        "all_assistant", description="Which assistant turns of a multi-turn chat carry loss."
+        "all_assistant", description="Which assistant turns of a multi-turn chat carry loss (a turn's own weight 0/1 in the data wins)."
+    )
+    reasoning: Literal["drop", "inline"] = Field(
+        "drop",
+        description="Assistant reasoning (reasoning_content) with a template that cannot render it: 'drop' it (counted), or 'inline' it as <think>...</think> before the answer.",
     )
 
 
@@ -152,9 +156,11 @@ class TrainOptions(_Section):
 
 
 class GateOptions(_Section):
-    metric: Literal["eval_loss", "token_f1", "rouge_l", "exact_match", "contains_reference"] = Field(
+    metric: Literal[
+        "eval_loss", "token_f1", "rouge_l", "exact_match", "contains_reference", "tool_name_accuracy", "tool_call_accuracy"
+    ] = Field(
         "eval_loss",
-        description="Metric the quality gate compares between base and tuned; eval_loss is lower-is-better, the others (over the generated answers) higher-is-better.",
+        description="Metric the quality gate compares between base and tuned; eval_loss is lower-is-better, the others (over the generated answers) higher-is-better. The tool_* metrics need held-out rows whose answer ends in a tool call.",
     )
     max_regression: float | None = Field(
         0.0, description="Largest allowed worsening of the metric versus the base model (empty: no relative check)."

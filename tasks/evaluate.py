@@ -1,7 +1,8 @@
 """evaluate: the base model and the tuned model on the same held-out rows, and the quality gate.
 
 Scores come from `tasks/core/scoring.py` (response-only loss of packed rows, greedy answers to
-the first `num_generate` eval prompts, compared with the references by `tasks/core/metrics.py`).
+the first `num_generate` eval prompts, compared with the references by `tasks/core/metrics.py`;
+references that end in tool calls also score the calls the answers make).
 The entry folder holds metrics.json ({base, tuned, delta}), gate.json, generations.json,
 loss_curve.png and report.md (`tasks/reporting.py`). The flow calls
 `EvalArtifact.require_passed` before export, and export again, so a model that fails the gate is
@@ -86,8 +87,9 @@ def _evaluate_into(scratch: Path, data, tokenized, model, trained, options, temp
     eval_split = eval_split["eval"] if "eval" in eval_split else []
     examples = [{"input_ids": row["input_ids"], "labels": row["labels"]} for row in eval_split]
     samples = eval_samples(data.uri, options.num_generate, cache_options)
-    prompts = [scoring.prompt_ids(sample["messages"], tokenizer, template, options.max_new_tokens) for sample in samples]
+    prompts = [scoring.prompt_ids(s["messages"], tokenizer, template, options.max_new_tokens, s["tools"]) for s in samples]
     references = [sample["reference"] for sample in samples]
+    expected = [sample["expected_calls"] for sample in samples]
 
     scores, answers = {}, {}
     current = modeling.load_causal_lm(base_dir, trust_remote_code, dtype, device)
@@ -97,19 +99,20 @@ def _evaluate_into(scratch: Path, data, tokenized, model, trained, options, temp
         logger.info("Evaluating the %s model on %d eval rows and %d prompts", name, len(examples), len(prompts))
         scores[name] = scoring.response_loss(current, examples, options.batch_size)
         answers[name] = scoring.generate(current, tokenizer, prompts, options.max_new_tokens, options.batch_size)
-        scores[name].update(metrics.score_generations(answers[name], references))
+        scores[name].update(metrics.score_generations(answers[name], references, expected))
         scores[name]["num_generated"] = len(answers[name])
+        if any(expected):  # how many answers the tool-call metrics average over
+            scores[name]["num_tool_call_references"] = sum(1 for calls in expected if calls)
     del current
-    generations = [
-        {"prompt": sample["prompt"], "reference": sample["reference"], "base": b, "tuned": t}
-        for sample, b, t in zip(samples, answers["base"], answers["tuned"])
-    ]
+    generations = [_generation(sample, b, t) for sample, b, t in zip(samples, answers["base"], answers["tuned"])]
     curve = reporting.read_loss_curve(trained, cache_options)
     _write_results(scratch, scores["base"], scores["tuned"], generations, curve, options.gate)
 
 
 def eval_samples(data_uri: str, limit: int, storage_options: dict[str, Any] | None = None) -> list[dict]:
-    """The first `limit` eval rows in file order: messages, readable prompt and reference answer."""
+    """The first `limit` eval rows in file order: messages and tool definitions (None when the row
+    has none), a readable prompt (the last user or tool text before the last answer), the reference
+    answer as the model was trained to write it, and the calls that answer makes ([] for none)."""
     samples = []
     if limit <= 0:
         return samples
@@ -118,11 +121,33 @@ def eval_samples(data_uri: str, limit: int, storage_options: dict[str, Any] | No
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if row.get("split") != "eval" or last is None:
             continue
-        asked = [m["content"] for m in messages[:last] if m["role"] == "user"]
-        samples.append({"messages": messages, "prompt": asked[-1] if asked else "", "reference": messages[last]["content"]})
+        asked = [m["content"] for m in messages[:last] if m["role"] in ("user", "tool")]
+        calls = expected_calls(messages[last])
+        samples.append({
+            "messages": messages, "tools": row.get("tools"), "prompt": asked[-1] if asked else "",
+            # What the model was trained to write: the fallback's call markup (Qwen and Hermes templates write the same).
+            "reference": formatting.assistant_text(messages[last]["content"], messages[last].get("tool_calls") or []),
+            "expected_calls": calls,
+        })
         if len(samples) >= limit:
             break
     return samples
+
+
+def expected_calls(answer: dict) -> list[dict]:
+    """The {"name", "arguments"} of each call of a canonical assistant turn, in order."""
+    return [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in answer.get("tool_calls", [])]
+
+
+def _generation(sample: dict, base: str, tuned: str) -> dict:
+    """A generations.json entry; one whose reference ends in calls also shows them and whether each
+    model made exactly those calls (what tool_call_accuracy counts)."""
+    entry = {"prompt": sample["prompt"], "reference": sample["reference"], "base": base, "tuned": tuned}
+    if sample["expected_calls"]:
+        entry["expected_calls"] = sample["expected_calls"]
+        for name, answer in (("base", base), ("tuned", tuned)):
+            entry[f"{name}_calls_right"] = metrics.calls_right(metrics.parse_tool_calls(answer), sample["expected_calls"])
+    return entry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +173,8 @@ def check_gate(base: dict, tuned: dict, gate: GateOptions) -> tuple[bool, str]:
 
 def _gate_failures(name: str, lower: bool, b: Any, t: Any, gate: GateOptions) -> list[str]:
     if t is None:
+        if name in metrics.TOOL_METRICS:
+            return [f"tuned {name} is unavailable (no generated eval row ends in a tool call, or num_generate is 0)"]
         return [f"tuned {name} is unavailable (no eval rows, or num_generate is 0)"]
     if not finite(t):
         return [f"tuned {name} is {t}, not a number: the model diverged in training (lower the learning rate)"]

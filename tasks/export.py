@@ -229,10 +229,12 @@ def release_tokenizer(base_dir: Path, template: TemplateOptions):
     when training dropped a template's default system prompt or used a custom one)."""
     tokenizer = formatting.load_tokenizer(base_dir)
     expected = formatting.render_prompt_ids(PROBE, tokenizer, template)
+    with_bos = False
     if formatting.template_kind(tokenizer, template) == "plain":
         text_ids = tokenizer.encode(formatting.render_plain(PROBE[:1], True, tokenizer.eos_token or ""), add_special_tokens=False)
         with_bos = expected != text_ids and expected[1:] == text_ids  # training put one BOS in front
-        tokenizer.chat_template = ("{{ bos_token }}" if with_bos else "") + formatting.PLAIN_CHAT_TEMPLATE
+    # The plain template, and the tool/reasoning fallback, travel with the release as Jinja.
+    tokenizer.chat_template = formatting.released_chat_template(tokenizer, template, with_bos)
     rendered = tokenizer.apply_chat_template(PROBE[:1], tokenize=False, add_generation_prompt=True)
     matches = tokenizer.encode(rendered, add_special_tokens=False) == expected
     if not matches:

@@ -70,12 +70,38 @@ def render_report(base: dict, tuned: dict, generations: list[dict], passed: bool
     table = metric_table(base, tuned)
     if table:
         lines += [*table, "", f"Eval rows: {base.get('eval_examples', 0)} ({base.get('eval_tokens', 0)} response tokens); "
-                  f"generated answers: {base.get('num_generated', 0)} (greedy). eval_loss and perplexity: lower is better."]
+                  f"generated answers: {base.get('num_generated', 0)} (greedy){_tool_call_note(base)}. "
+                  "eval_loss and perplexity: lower is better."]
     lines += ["", "## Training loss", "", f"![loss curve]({image})", ""]
     if generations:
-        lines += ["## Sample generations", "", "| prompt | reference | base | tuned |", "|---|---|---|---|"]
-        lines += ["| " + " | ".join(cell(g[k]) for k in ("prompt", "reference", "base", "tuned")) + " |" for g in generations]
+        lines += ["## Sample generations", "", *_generation_table(generations)]
     return "\n".join(lines) + "\n"
+
+
+def _tool_call_note(scores: dict) -> str:
+    count = scores.get("num_tool_call_references")
+    return f", {count} of them with a reference that ends in tool calls (the tool_* metrics)" if count else ""
+
+
+def _generation_table(generations: list[dict]) -> list[str]:
+    """prompt | reference | base | tuned, and a column saying which model made exactly the expected
+    calls when any reference ends in tool calls (rows without calls show '-' there)."""
+    columns = ("prompt", "reference", "base", "tuned")
+    with_calls = any("expected_calls" in g for g in generations)
+    header = [*columns, *(["calls right (base / tuned)"] if with_calls else [])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in generations:
+        cells = [cell(g[k]) for k in columns]
+        if with_calls:
+            cells.append(_calls_right(g))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _calls_right(generation: dict) -> str:
+    if "expected_calls" not in generation:
+        return "-"
+    return " / ".join("yes" if generation[f"{model}_calls_right"] else "no" for model in ("base", "tuned"))
 
 
 def read_loss_curve(trained: TrainArtifact, storage_options: dict[str, Any] | None = None) -> list[dict]:

@@ -93,7 +93,8 @@ def build_splits(rows: list[dict[str, Any]], tokenizer, options: TemplateOptions
     for begin in range(0, len(rows), CHUNK):
         chunk = rows[begin : begin + CHUNK]
         sources = [row.get("source") or f"row {begin + i}" for i, row in enumerate(chunk)]
-        results = formatting.encode_batch([row["messages"] for row in chunk], tokenizer, options, sources)
+        tools = [row.get("tools") for row in chunk]
+        results = formatting.encode_batch([row["messages"] for row in chunk], tokenizer, options, sources, tools)
         for split in SPLITS:
             chosen = [result for row, result in zip(chunk, results) if row.get("split", "train") == split]
             kept = [result for result in chosen if isinstance(result, formatting.EncodedExample)]
@@ -101,7 +102,7 @@ def build_splits(rows: list[dict[str, Any]], tokenizer, options: TemplateOptions
             arrays[split]["labels"].append(pa.array([example.labels for example in kept], type=ids_type))
             arrays[split]["length"].append(pa.array([len(example.input_ids) for example in kept], type=pa.int32()))
             results_by_split[split].append(split_stats(chosen))
-    splits, stats = {}, {"template": formatting.template_kind(tokenizer, options)}
+    splits, stats = {}, {"template": formatting.template_kind(tokenizer, options), "rendering": formatting.rendering_summary(tokenizer, options)}
     for split in SPLITS:
         columns = {name: pa.chunked_array(chunks, type=ids_type if name != "length" else pa.int32())
                    for name, chunks in arrays[split].items()}
@@ -125,6 +126,8 @@ def split_stats(results: list) -> dict[str, Any]:
         "kept": len(kept),
         "dropped": dropped,
         "truncated": sum(example.truncated for example in kept),
+        "reasoning_dropped": sum(result.reasoning_dropped for result in results),
+        "control_text": sum(result.control_text for result in results),
         "tokens": sum(lengths),
         "loss_tokens": sum(len(example.labels) - example.labels.count(IGNORE_INDEX) for example in kept),
         "max_length": max(lengths, default=0),
@@ -134,13 +137,16 @@ def split_stats(results: list) -> dict[str, Any]:
 
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Chunk counts -> split statistics, with the loss fraction and mean length."""
-    total = {name: sum(part[name] for part in parts) for name in ("rows", "kept", "truncated", "tokens", "loss_tokens")}
+    summed = ("rows", "kept", "truncated", "reasoning_dropped", "control_text", "tokens", "loss_tokens")
+    total = {name: sum(part[name] for part in parts) for name in summed}
     tokens, kept = total["tokens"], total["kept"]
     return {
         "rows": total["rows"],
         "kept": kept,
         "dropped": {reason: sum(part["dropped"][reason] for part in parts) for reason in DROP_REASONS},
         "truncated": total["truncated"],
+        "reasoning_dropped": total["reasoning_dropped"],  # reasoning the template cannot show (template.reasoning 'drop')
+        "control_text": total["control_text"],  # control-token strings in the data, kept as plain text
         "tokens": tokens,
         "loss_tokens": total["loss_tokens"],
         "loss_fraction": round(total["loss_tokens"] / tokens, 4) if tokens else 0.0,

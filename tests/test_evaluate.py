@@ -131,6 +131,112 @@ def test_eval_samples_are_the_first_eval_rows_in_file_order(tmp_path):
     assert eval_samples(str(path), 0) == []
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def call(name: str, **arguments) -> dict:
+    """A tool call as a canonical assistant turn carries it."""
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+TOOL_ROWS = [
+    {"messages": [{"role": "user", "content": "Weather in Oslo?"},
+                  {"role": "assistant", "content": "", "tool_calls": [call("get_weather", city="Oslo")]}],
+     "tools": [WEATHER_TOOL], "split": "train", "source": "tools.jsonl:0"},
+    # ends in one call and no text
+    {"messages": [{"role": "system", "content": "You help with weather."}, {"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", **call("get_weather", city="Paris")}]}],
+     "tools": [WEATHER_TOOL], "split": "eval", "source": "tools.jsonl:1"},
+    # the last answer reads a tool's result and calls nothing
+    {"messages": [{"role": "user", "content": "Weather in Rome?"},
+                  {"role": "assistant", "content": "", "tool_calls": [call("get_weather", city="Rome")]},
+                  {"role": "tool", "content": '{"temperature": 24}', "name": "get_weather"},
+                  {"role": "assistant", "content": "It is 24 degrees in Rome."}],
+     "tools": [WEATHER_TOOL], "split": "eval", "source": "tools.jsonl:2"},
+    # text, then two calls; non-ASCII arguments stay readable
+    {"messages": [{"role": "user", "content": "Weather in Zürich and Köln?"},
+                  {"role": "assistant", "content": "Checking both.",
+                   "tool_calls": [call("get_weather", city="Zürich"), call("get_weather", city="Köln")]}],
+     "tools": [WEATHER_TOOL], "split": "eval", "source": "tools.jsonl:3"},
+    {"messages": chat(ALPACA_ROWS[0]), "split": "eval", "source": "demo.json:0"},
+]
+
+
+def write_tool_rows(folder: Path) -> DataArtifact:
+    path = folder / "tool-rows.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in TOOL_ROWS))
+    return DataArtifact(stage="validate-data", uri=str(path), key="tool-data-key", report_uri=str(folder / "report.json"))
+
+
+def test_eval_samples_keep_the_tools_the_expected_calls_and_the_calls_as_trained(tmp_path):
+    samples = eval_samples(write_tool_rows(tmp_path).uri, 10)
+    paris = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    both = ('Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Köln"}}\n</tool_call>')
+    assert [(s["prompt"], s["reference"]) for s in samples] == [
+        ("Weather in Paris?", paris),
+        ('{"temperature": 24}', "It is 24 degrees in Rome."),  # the prompt is the tool's result it answers
+        ("Weather in Zürich and Köln?", both),
+        ("What is the capital of France?", "The capital of France is Paris."),
+    ]
+    assert [s["expected_calls"] for s in samples] == [
+        [{"name": "get_weather", "arguments": {"city": "Paris"}}],
+        [],
+        [{"name": "get_weather", "arguments": {"city": "Zürich"}}, {"name": "get_weather", "arguments": {"city": "Köln"}}],
+        [],
+    ]
+    assert [s["tools"] for s in samples] == [[WEATHER_TOOL]] * 3 + [None]
+    assert samples[0]["messages"] == TOOL_ROWS[1]["messages"]
+    # what the model is scored on is what it is asked to write: the reference's calls parse back
+    assert [metrics.parse_tool_calls(s["reference"]) for s in samples] == [s["expected_calls"] for s in samples]
+
+
+def test_the_reference_is_exactly_what_training_teaches_for_the_last_answer(world, tmp_path):
+    """Training renders calls with the fallback template (the tiny template knows no tools); the
+    loss-bearing tokens of the last answer are the reference and the end marker, nothing else."""
+    template = TEMPLATE.model_copy(update={"max_length": 4096, "train_on": "last_assistant"})
+    for row, sample in zip(TOOL_ROWS[1:], eval_samples(write_tool_rows(tmp_path).uri, 10)):
+        encoded = formatting.encode_example(row["messages"], world.tokenizer, template, tools=row.get("tools"))
+        taught = [token for token, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+        assert world.tokenizer.decode(taught) == sample["reference"] + "<|im_end|>"
+
+
+def test_answers_to_rows_that_end_in_calls_score_tool_call_accuracy(world, tmp_path, monkeypatch):
+    """The prompts carry the rows' tools; the base model answers in prose, the tuned one makes the
+    expected calls (generation is replaced, so the test does not depend on what a tiny model learns)."""
+    data = write_tool_rows(tmp_path)
+    samples = eval_samples(data.uri, 10)
+    prompts_seen = []
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size):
+        prompts_seen.append([tokenizer.decode(p) for p in prompts])
+        if len(prompts_seen) == 1:  # base
+            return ["I cannot check the weather."] * len(prompts)
+        return [s["reference"] for s in samples[:-1]] + ['{"name": "get_weather", "arguments": {"city": "Paris"}}']
+
+    monkeypatch.setattr(scoring, "generate", fake_generate)
+    options = OPTIONS.model_copy(update={"num_generate": 10, "gate": GateOptions(metric="tool_call_accuracy", max_regression=0.0)})
+    template = TEMPLATE.model_copy(update={"max_length": 2048})  # room for the tool definitions in tiny-vocabulary tokens
+    result = evaluate_models(data, world.tokenized, world.model, world.good, options, template, str(tmp_path / "cache"))
+    assert "get_weather" in prompts_seen[0][0] and "get_weather" not in prompts_seen[0][-1]
+    base, tuned = result.stats["base"], result.stats["tuned"]
+    assert (base["tool_name_accuracy"], base["tool_call_accuracy"]) == (0.0, 0.0)
+    assert (tuned["tool_name_accuracy"], tuned["tool_call_accuracy"]) == (1.0, 1.0)  # over the 2 rows ending in calls
+    assert base["num_tool_call_references"] == tuned["num_tool_call_references"] == 2
+    assert result.passed and "tool_call_accuracy" in result.gate_message
+    folder = Path(result.uri)
+    assert json.loads((folder / "metrics.json").read_text())["delta"]["tool_call_accuracy"] == 1.0
+    generations = json.loads((folder / "generations.json").read_text())
+    assert generations[0]["expected_calls"] == samples[0]["expected_calls"]
+    assert (generations[0]["base_calls_right"], generations[0]["tuned_calls_right"]) == (False, True)
+    assert set(generations[1]) == set(generations[3]) == {"prompt", "reference", "base", "tuned"}
+    report = (folder / "report.md").read_text()
+    assert "| tool_call_accuracy | 0.0000 | 1.0000 | 1.0000 |" in report and "| tool_name_accuracy |" in report
+    assert "| prompt | reference | base | tuned | calls right (base / tuned) |" in report and "| no / yes |" in report
+    assert "2 of them with a reference that ends in tool calls" in report
+
+
 def test_a_tuned_model_that_improves_passes_and_the_entry_is_complete(world, tmp_path):
     result = evaluate_models(world.data, world.tokenized, world.model, world.good, OPTIONS, TEMPLATE, str(tmp_path / "cache"))
     assert result.stage == "evaluate" and not result.store_hit
@@ -141,6 +247,8 @@ def test_a_tuned_model_that_improves_passes_and_the_entry_is_complete(world, tmp
     assert base["eval_tokens"] == tuned["eval_tokens"] > 0 and base["num_generated"] == 3
     for name in ("exact_match", "token_f1", "rouge_l", "contains_reference"):
         assert 0.0 <= tuned[name] <= 1.0
+    for name in (*metrics.TOOL_METRICS, "num_tool_call_references"):  # no reference ends in a call: absent, not 0
+        assert name not in base and name not in tuned
     folder = Path(result.uri)
     assert folder.parent == tmp_path / "cache" / "eval" and folder.name == result.key
     written = json.loads((folder / "metrics.json").read_text())
@@ -211,6 +319,9 @@ def test_disabled_evaluation_passes_without_computing(world, tmp_path):
         (GateOptions(metric="exact_match", max_regression=None), 0.0, 0.0, True, ["threshold none"]),
         (GateOptions(metric="contains_reference", max_regression=0.0), 0.0, 0.75, True, ["higher is better", "passed"]),
         (GateOptions(metric="eval_loss", max_regression=0.0), 2.0, None, False, ["unavailable"]),
+        (GateOptions(metric="tool_call_accuracy", max_regression=0.0), 0.25, 0.5, True, ["higher is better", "passed"]),
+        (GateOptions(metric="tool_name_accuracy", max_regression=None, min_value=0.9), 0.0, 0.8, False, ["< min_value 0.9"]),
+        (GateOptions(metric="tool_call_accuracy", max_regression=0.0), None, None, False, ["no generated eval row ends in a tool call"]),
         # Before: a NaN loss was blamed on "no eval rows".
         (GateOptions(metric="eval_loss", max_regression=0.0), 2.0, float("nan"), False, ["is nan, not a number", "diverged"]),
     ],

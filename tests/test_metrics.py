@@ -1,10 +1,14 @@
-"""Text metrics: exact values on small strings."""
+"""Text metrics: exact values on small strings. Tool calls: parsed from realistic model outputs
+and scored against the calls of the reference answer."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks.core.metrics import contains_reference, exact_match, normalize, rouge_l, score_generations, token_f1
+from tasks.core.metrics import (
+    calls_right, contains_reference, exact_match, name_right, normalize, parse_tool_calls, rouge_l, same_json,
+    score_generations, score_tool_calls, token_f1,
+)
 
 
 def test_normalize_lowercases_drops_punctuation_and_collapses_spaces():
@@ -65,3 +69,108 @@ def test_score_generations_averages_every_metric():
     assert score_generations([], []) == {}
     with pytest.raises(ValueError):
         score_generations(["a"], [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool calls
+
+WEATHER = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
+TIME = {"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}
+
+
+@pytest.mark.parametrize(
+    "text, calls",
+    [
+        # Qwen / Hermes, exactly as the fallback template renders a call
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>', [WEATHER]),
+        # text before the call, two calls, keys in another order
+        ('Let me check.\n<tool_call>\n{"arguments": {"unit": "celsius", "city": "Paris"}, "name": "get_weather"}\n</tool_call>\n'
+         '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}\n</tool_call>', [WEATHER, TIME]),
+        # Llama 3.1: a bare object with "parameters"
+        ('{"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}', [TIME]),
+        # Mistral: a list after the (decoded away) [TOOL_CALLS] token
+        ('[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}, {"name": "get_time", "arguments": '
+         '{"timezone": "Europe/Paris"}}]', [WEATHER, TIME]),
+        # OpenAI wrapper, arguments as a JSON string
+        ('{"tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_time", '
+         '"arguments": "{\\"timezone\\": \\"Europe/Paris\\"}"}}]}', [TIME]),
+        # a call whose arguments hold an object with "name" and "arguments": still one call
+        ('{"name": "log", "arguments": {"entry": {"name": "x", "arguments": {}}}}',
+         [{"name": "log", "arguments": {"entry": {"name": "x", "arguments": {}}}}]),
+        # arguments as a string that is not JSON stay a string
+        ('{"name": "echo", "arguments": "hello"}', [{"name": "echo", "arguments": "hello"}]),
+    ],
+)
+def test_tool_calls_are_found_in_every_common_markup(text, calls):
+    assert parse_tool_calls(text) == calls
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "The weather in Paris is sunny, 21 degrees.",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>',  # cut off by max_new_tokens
+        "{{{ not json } at all {",
+        '{"name": "Ada Lovelace", "born": 1815}',  # an object with a name is data, not a call
+        '{"arguments": {"city": "Paris"}}',  # no function name
+        '{"name": "", "arguments": {}}',
+        "<tool_call>\nget_weather(city='Paris')\n</tool_call>",  # pythonic calls are not JSON
+    ],
+)
+def test_text_without_a_well_formed_call_yields_none(text):
+    assert parse_tool_calls(text) == []
+
+
+def test_arguments_compare_as_parsed_json():
+    assert same_json({"a": 1, "b": [1, {"c": None}]}, {"b": [1.0, {"c": None}], "a": 1})
+    assert not same_json({"flag": True}, {"flag": 1})  # Python's == says True == 1; JSON does not
+    assert not same_json({"n": "1"}, {"n": 1})
+    assert not same_json({"a": 1}, {"a": 1, "b": 2})
+    assert not same_json([1, 2], [2, 1])
+
+
+@pytest.mark.parametrize(
+    "text, name, call",
+    [
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>', True, True),
+        ('{"name": "get_weather", "arguments": "{\\"unit\\": \\"celsius\\", \\"city\\": \\"Paris\\"}"}', True, True),
+        ('<tool_call>\n{"name": "get_forecast", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>', False, False),
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "London", "unit": "celsius"}}\n</tool_call>', True, False),
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', True, False),  # missing argument
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>\n'
+         '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}\n</tool_call>', True, False),  # extra call
+        ("It is sunny in Paris.", False, False),
+    ],
+)
+def test_one_expected_call_against_one_answer(text, name, call):
+    predicted = parse_tool_calls(text)
+    assert name_right(predicted, [WEATHER]) is name
+    assert calls_right(predicted, [WEATHER]) is call
+
+
+def test_several_expected_calls_must_all_be_made_in_order():
+    assert calls_right([WEATHER, TIME], [WEATHER, TIME])
+    assert not calls_right([TIME, WEATHER], [WEATHER, TIME])
+    assert not calls_right([WEATHER], [WEATHER, TIME])  # a missing call
+    assert name_right([WEATHER], [WEATHER, TIME])  # the name metric looks at the first call only
+
+
+def test_tool_metrics_average_only_over_answers_whose_reference_ends_in_calls():
+    right = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+    wrong_args = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon", "unit": "celsius"}}\n</tool_call>'
+    answers = [right, wrong_args, "Paris.", "garbage {"]
+    expected = [[WEATHER], [WEATHER], [], [TIME]]
+    assert score_tool_calls(answers, expected) == pytest.approx({"tool_name_accuracy": 2 / 3, "tool_call_accuracy": 1 / 3})
+    assert score_tool_calls(["Paris."], [[]]) == {}  # unknown, not 0
+    with pytest.raises(ValueError):
+        score_tool_calls(answers, expected[:2])
+
+
+def test_score_generations_adds_tool_metrics_only_when_some_reference_ends_in_calls():
+    right = '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}\n</tool_call>'
+    scores = score_generations([right, "Paris."], [right, "paris"], [[TIME], []])
+    assert scores["tool_name_accuracy"] == scores["tool_call_accuracy"] == 1.0
+    assert scores["exact_match"] == 1.0
+    plain = score_generations(["Paris."], ["paris"], [[]])
+    assert plain == score_generations(["Paris."], ["paris"]) and "tool_call_accuracy" not in plain

@@ -89,7 +89,20 @@ def test_an_over_long_eval_prompt_keeps_its_end_and_leaves_room_for_the_answer(w
     assert scoring.prompt_ids(short, world.tokenizer, template, 8) == formatting.render_prompt_ids(short, world.tokenizer, template)
 
 
+def test_the_eval_prompt_shows_the_row_tools_as_training_does(world):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": {}}}]
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+    template = TEMPLATE.model_copy(update={"max_length": 2048})  # tool definitions take many tiny-vocabulary tokens
+    with_tools = scoring.prompt_ids(messages, world.tokenizer, template, 8, tools)
+    assert with_tools == formatting.render_prompt_ids(messages, world.tokenizer, template, tools=tools)
+    assert "get_weather" in world.tokenizer.decode(with_tools)
+    assert scoring.prompt_ids(messages, world.tokenizer, template, 8) == formatting.render_prompt_ids(messages, world.tokenizer, template)
+
+
 def test_delta_is_tuned_minus_base_over_finite_reported_metrics_only():
     base = {"eval_loss": 2.0, "perplexity": float("inf"), "token_f1": 0.25, "eval_tokens": 10}
     tuned = {"eval_loss": 1.5, "perplexity": 4.5, "token_f1": 0.5, "eval_tokens": 10, "rouge_l": 0.1}
     assert scoring.delta(base, tuned) == {"eval_loss": -0.5, "token_f1": 0.25}
+    with_calls = scoring.delta({"tool_call_accuracy": 0.25}, {"tool_call_accuracy": 0.75, "num_tool_call_references": 4})
+    assert with_calls == {"tool_call_accuracy": 0.5}

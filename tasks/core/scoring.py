@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from schemas.config import TemplateOptions
 
 LOSS_METRICS = ("eval_loss", "perplexity")
-REPORTED = (*LOSS_METRICS, *metrics.TEXT_METRICS)
+REPORTED = (*LOSS_METRICS, *metrics.TEXT_METRICS, *metrics.TOOL_METRICS)
 
 
 @torch.no_grad()
@@ -104,9 +104,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def prompt_ids(messages: list[dict], tokenizer, template: TemplateOptions, max_new_tokens: int) -> list[int]:
-    """The prompt of a held-out row's last answer, cut so that prompt and answer fit max_length."""
-    ids = formatting.render_prompt_ids(messages, tokenizer, template)
+def prompt_ids(
+    messages: list[dict], tokenizer, template: TemplateOptions, max_new_tokens: int, tools: list[dict] | None = None
+) -> list[int]:
+    """The prompt of a held-out row's last answer, cut so that prompt and answer fit max_length.
+    `tools` are the row's tool definitions, rendered as in training so the model sees what it may call."""
+    ids = formatting.render_prompt_ids(messages, tokenizer, template, tools=tools)
     room = max(1, template.max_length - max_new_tokens)
     return ids[-room:]  # an over-long prompt keeps its end, where the question and generation prompt are
 
