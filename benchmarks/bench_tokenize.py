@@ -9,6 +9,13 @@ and max_length 1024. TRL gets prompt-completion rows and `SFTTrainer._prepare_da
 constructor runs); ours gets the same conversations as canonical rows and `build_splits`. Each side
 is timed best of `--repeats`. Then the whole stage runs cold (read JSONL, load tokenizer, tokenize,
 write Arrow) and once more as a cache hit. Finally both outputs are compared token by token.
+
+A second part times tool-call rows built from the same records: the user's question, an assistant
+call of a `lookup` tool, its result, and the answer, with the tool's definition in a `tools`
+column. Both sides learn the final answer only (ours: train_on last_assistant; TRL: the
+completion). SmolLM2's template has no tool support: ours renders tools and calls with the
+documented fallback, TRL's `apply_chat_template(..., tools=...)` leaves them out, so ours
+tokenizes more text per row (tokens/s is the fair figure).
 """
 
 from __future__ import annotations
@@ -45,14 +52,13 @@ def best_of(repeats: int, run) -> tuple[float, object]:
     return best, result
 
 
-def trl_preparation(tokenizer, pairs: list[tuple[str, str]], max_length: int, workdir: str):
-    """An SFTTrainer on a 1-layer model with SmolLM2's tokenizer, and its own dataset preparation."""
+def trl_preparation(tokenizer, rows: list[dict], max_length: int, workdir: str):
+    """An SFTTrainer on a 1-layer model with SmolLM2's tokenizer, and its own dataset preparation of
+    prompt-completion `rows` (completion-only loss)."""
     import datasets
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
-            for q, a in pairs]
     dataset = datasets.Dataset.from_list(rows)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id)
@@ -61,6 +67,51 @@ def trl_preparation(tokenizer, pairs: list[tuple[str, str]], max_length: int, wo
     trainer = SFTTrainer(model=LlamaForCausalLM(config), args=args, train_dataset=dataset.select(range(2)),
                          processing_class=tokenizer)
     return lambda: trainer._prepare_dataset(dataset, tokenizer, args, False, None, "train")
+
+
+def trl_alpaca_rows(pairs: list[tuple[str, str]]) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]} for q, a in pairs]
+
+
+def trl_tool_rows(conversations: list[list[dict]]) -> list[dict]:
+    """The agent rows as TRL takes them for tool calling: prompt-completion with a `tools` column
+    (JSON text, which TRL parses)."""
+    return [{"prompt": turns[:-1], "completion": turns[-1:], "tools": json.dumps([LOOKUP])} for turns in conversations]
+
+
+LOOKUP = {"type": "function", "function": {"name": "lookup", "description": "Look a question up.",
+                                            "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                                                           "required": ["query"]}}}
+
+
+def tool_conversations(pairs: list[tuple[str, str]]) -> list[list[dict]]:
+    """question -> lookup call -> result -> answer, one agent conversation per record."""
+    return [[
+        {"role": "user", "content": q},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "lookup", "arguments": {"query": q[:80]}}}]},
+        {"role": "tool", "content": json.dumps({"result": a[:200]})},
+        {"role": "assistant", "content": a},
+    ] for q, a in pairs]
+
+
+def report_tools(tokenizer, pairs, args, workdir: str) -> None:
+    from tasks.tokenize import build_splits
+
+    conversations = tool_conversations(pairs)
+    rows = [{"messages": turns, "tools": [LOOKUP], "split": "train", "source": f"tools:{i}"} for i, turns in enumerate(conversations)]
+    options = TemplateOptions(max_length=args.max_length, train_on="last_assistant")
+    ours_seconds, (_, stats) = best_of(args.repeats, lambda: build_splits(rows, tokenizer, options))
+    trl_seconds, theirs = best_of(args.repeats, trl_preparation(tokenizer, trl_tool_rows(conversations), args.max_length, workdir))
+    n, tokens = len(rows), stats["train"]["tokens"]
+    trl_tokens = sum(len(row["input_ids"]) for row in theirs)
+    print(f"tool-call rows ({n}: question, call, result, answer; tools column): rendering {stats['rendering']}")
+    print(f"{'ours  build_splits':36}: {ours_seconds:6.2f} s  {n / ours_seconds:7.0f} rows/s  {tokens / ours_seconds:9.0f} tokens/s")
+    print(f"{'TRL   SFTTrainer._prepare_dataset':36}: {trl_seconds:6.2f} s  {n / trl_seconds:7.0f} rows/s  "
+          f"{trl_tokens / trl_seconds:9.0f} tokens/s")
+    print(f"{'ratio ours / TRL (rows/s)':36}: {trl_seconds / ours_seconds:6.2f}x;  tokens/s: "
+          f"{(tokens / ours_seconds) / (trl_tokens / trl_seconds):.2f}x  (ours {tokens / n:.0f} tokens/row, TRL {trl_tokens / n:.0f}: "
+          "TRL's render leaves out the tools and the call)")
 
 
 def compare(ours, theirs, newline_id: int) -> tuple[int, int]:
@@ -102,7 +153,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="bench-tokenize-")
 
     ours_seconds, (splits, stats) = best_of(args.repeats, lambda: build_splits(rows, tokenizer, options))
-    trl_seconds, theirs = best_of(args.repeats, trl_preparation(tokenizer, pairs, args.max_length, workdir))
+    trl_seconds, theirs = best_of(args.repeats, trl_preparation(tokenizer, trl_alpaca_rows(pairs), args.max_length, workdir))
 
     data_path = Path(workdir, "valid.jsonl")
     data_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -129,6 +180,7 @@ def main() -> None:
           f"{train['loss_tokens']} with loss ({train['loss_fraction']:.1%}); TRL: {len(theirs)} rows")
     print(f"agreement: input_ids identical on {same_ids}/{len(theirs)} rows; labels identical on {same_labels} "
           f"once TRL's loss on the newline after <|im_end|> is discounted (ours gives it {IGNORE_INDEX})")
+    report_tools(tokenizer, pairs, args, workdir)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ class TemplateOptions(_Section):
     )
     reasoning: Literal["drop", "inline"] = Field(
         "drop",
-        description="Assistant reasoning (reasoning_content) with a template that cannot render it: 'drop' it (counted), or 'inline' it as <think>...</think> before the answer.",
+        description="Assistant reasoning with a template that cannot render it: 'drop' it (counted), or 'inline' it before the answer, wrapped in think tags.",
     )
 
 

@@ -6,15 +6,20 @@ Reading the files is `tasks/core/readers.py`; the canonical row, its split and i
 `cache_dir/validated/<key>/` holds `data.jsonl` (one canonical row a line) and `report.json`. The
 key hashes the input bytes, the options and the code that shapes the rows; the artifact's own key
 is the hash of the rows' text and split (not their `source` labels), which is what later stages
-cache on."""
+cache on.
+
+Nothing is dropped silently: besides the invalid rows, the report counts what the valid rows held
+that the canonical rows do not carry (`unused_fields`: columns no format reads, keys inside a turn,
+a call or a tool definition), the turns after the last turn that can carry loss (`trailing_turns`)
+and the turns read by kind (`turns`)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import statistics
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +47,9 @@ CODE_VERSION = code_version(sys.modules[__name__], data_schema, readers, canonic
 MESSAGE_ROWS = 20  # failing rows quoted in the error; the report file has all of them
 STAT_FIELDS = (
     "rows_read", "rows_kept", "train_rows", "eval_rows", "eval_rows_in_train", "rows_dropped", "dropped_by_reason", "duplicates", "chars",
+    "turns", "trailing_turns", "unused_fields",
 )
+TURN_KINDS = (*data_schema.ROLES, "tool_calls", "reasoning", "weight_0")
 # pandera's check names, shortened to the reasons the report counts by
 REASONS = {data_schema.NULL: "null"}
 
@@ -150,14 +157,10 @@ def _detect(frame: pd.DataFrame) -> str:
     return detected
 
 
-@functools.lru_cache(maxsize=16)
-def _schema(format_name: str, max_chars: int) -> pa.DataFrameSchema:
-    return data_schema.record_schema(format_name, max_chars)
-
-
 def _schema_failures(loaded: LoadedFile, frame: pd.DataFrame, format_name: str, options: DataOptions) -> list[RowFailure]:
     try:
-        _schema(format_name, options.max_chars).validate(frame, lazy=True)
+        # A fresh schema per file: it remembers the cells it read until the file is checked.
+        data_schema.record_schema(format_name, options.max_chars).validate(frame, lazy=True)
         return []
     except pa.errors.SchemaErrors as exc:
         cases = exc.failure_cases
@@ -165,7 +168,8 @@ def _schema_failures(loaded: LoadedFile, frame: pd.DataFrame, format_name: str, 
     if len(file_wide):
         raise FileProblem(_file_wide_message(file_wide, frame, format_name))
     record = data_schema.FORMATS[format_name]
-    lengths = data_schema.row_chars(frame, record)
+    too_long = sorted(set(cases[cases["check"] == data_schema.TOO_LONG]["index"].astype(int)))
+    lengths = data_schema.row_chars(frame.loc[too_long], record) if too_long else {}
     failures: dict[tuple[int, str, str], RowFailure] = {}
     for case in cases.itertuples(index=False):
         row, check = int(case.index), str(case.check)
@@ -196,12 +200,41 @@ def _failure(loaded: LoadedFile, row: int, column: str, check: str, reason: str)
 # --- records onto canonical rows ---------------------------------------------------------------
 
 
-def to_messages(record: dict[str, Any], format_name: str) -> list[dict[str, str]]:
-    """One validated record in its format -> the canonical list of {role, content}."""
-    turns = data_schema.FORMATS[format_name].turns
-    if turns is not None:
-        column = data_schema.FORMATS[format_name].required[0]
-        return [{"role": turns.roles[turn[turns.role_key]], "content": turn[turns.content_key]} for turn in record[column]]
+@dataclass
+class MappedRecord:
+    """One valid record on the canonical row, and what it held that the row does not carry."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+    unused: Counter[str]
+
+
+def map_record(record: dict[str, Any], format_name: str) -> MappedRecord:
+    """One validated record in its format -> canonical messages and tools, and its unused fields:
+    columns no format reads (`column 'metadata'`) and keys inside a cell (`messages[].refusal`)."""
+    record_format = data_schema.FORMATS[format_name]
+    unused = Counter(
+        f"column {column!r}" for column, value in record.items()
+        if column not in record_format.columns and data_schema.has_value(value)
+    )
+    if record_format.turns is None:
+        return MappedRecord(_text_messages(record, format_name), [], unused)
+    column = record_format.turns_column
+    conversation = data_schema.read_turns(record[column], record_format.turns, column)
+    tools = data_schema.read_tools(record.get(data_schema.TOOLS_COLUMN))
+    messages = conversation.value
+    unused += conversation.unused + tools.unused
+    system = record.get("system")  # ShareGPT's (LLaMA-Factory's) system column
+    if "system" in record_format.columns and isinstance(system, str) and system.strip():
+        if messages[0]["role"] == "system":
+            unused["column 'system'"] += 1  # a system turn in the conversation wins, as in LLaMA-Factory
+        else:
+            messages.insert(0, {"role": "system", "content": system})
+    return MappedRecord(messages, tools.value, unused)
+
+
+def _text_messages(record: dict[str, Any], format_name: str) -> list[dict[str, Any]]:
+    """alpaca and prompt/completion records: one user turn and one assistant turn."""
     if format_name == "prompt_completion":
         return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
     prompt, extra, system = record["instruction"], record.get("input"), record.get("system")
@@ -213,14 +246,46 @@ def to_messages(record: dict[str, Any], format_name: str) -> list[dict[str, str]
     return messages
 
 
-def canonical_rows(checked: CheckedFile) -> list[Row]:
+def canonical_rows(checked: CheckedFile) -> tuple[list[Row], Counter[str]]:
+    """The file's valid rows as canonical rows, and the unused fields counted over them."""
     bad = {failure.row for failure in checked.failures}
     source = checked.loaded.source
-    return [
-        Row(to_messages(record, checked.format), source.split, f"{source.name}:{row}")
-        for row, record in zip(checked.frame.index, checked.frame.to_dict("records"))
-        if row not in bad
-    ]
+    rows, unused = [], Counter()
+    for row, record in zip(checked.frame.index, checked.frame.to_dict("records")):
+        if row in bad:
+            continue
+        mapped = map_record(record, checked.format)
+        rows.append(Row(mapped.messages, source.split, f"{source.name}:{row}", mapped.tools))
+        unused += mapped.unused
+    return rows, unused
+
+
+def turn_counts(rows: list[Row]) -> dict[str, int]:
+    """Turns of each role, and tool calls, reasoning texts and weight-0 assistant turns in them."""
+    counts = dict.fromkeys(TURN_KINDS, 0)
+    for row in rows:
+        for message in row.messages:
+            counts[message["role"]] += 1
+            counts["tool_calls"] += len(message.get("tool_calls", ()))
+            counts["reasoning"] += "reasoning" in message
+            counts["weight_0"] += message.get("weight") == 0
+    return counts
+
+
+def trailing_turns(messages: list[dict[str, Any]]) -> int:
+    """Turns after the last assistant turn that can carry loss: they teach nothing. They stay in
+    the row (the row's content key must not move), and the report counts them."""
+    carrying = [index for index, message in enumerate(messages) if message["role"] == "assistant" and message.get("weight") != 0]
+    return len(messages) - 1 - carrying[-1] if carrying else len(messages)
+
+
+def _usage(rows: list[Row], unused: Counter[str]) -> dict[str, Any]:
+    """What the valid rows read hold (before dedupe): turns by kind, trailing turns, unused fields."""
+    return {
+        "turns": turn_counts(rows),
+        "trailing_turns": sum(trailing_turns(row.messages) for row in rows),
+        "unused_fields": dict(sorted(unused.items())),
+    }
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -239,7 +304,9 @@ def validate_data(
     if storage.is_complete(url, cache_storage_options):
         return _artifact(url, storage.read_json(storage.join(url, "report.json"), cache_storage_options), store_hit=True)
     checked = _check_all(sources, raws, options, cache_dir, key, cache_storage_options)
-    rows = [row for file in checked for row in canonical_rows(file)]
+    mapped = [canonical_rows(file) for file in checked]
+    rows = [row for file_rows, _ in mapped for row in file_rows]
+    usage = _usage(rows, sum((unused for _, unused in mapped), Counter()))
     duplicates = find_duplicates(rows)
     if options.dedupe:
         dropped = {id(duplicate) for duplicate, _ in duplicates}
@@ -247,7 +314,7 @@ def validate_data(
     assign_splits(rows, options.eval_fraction, has_eval_files=any(source.split == "eval" for source in sources))
     overlap = eval_in_train(rows)
     _warn_overlap(overlap, rows)
-    report = _report(key, checked, rows, duplicates, overlap, options)
+    report = _report(key, checked, rows, duplicates, overlap, usage, options)
     if not report["train_rows"]:
         raise DataValidationError(
             f"no training rows left: {report['rows_read']} read, dropped {report['dropped_by_reason']} (inputs: {', '.join(data)})"
@@ -350,7 +417,8 @@ def _chars(rows: list[Row]) -> dict[str, float]:
 
 
 def _report(
-    key: str, checked: list[CheckedFile], rows: list[Row], duplicates: list[tuple[Row, Row]], overlap: list[tuple[Row, Row]], options: DataOptions
+    key: str, checked: list[CheckedFile], rows: list[Row], duplicates: list[tuple[Row, Row]], overlap: list[tuple[Row, Row]],
+    usage: dict[str, Any], options: DataOptions,
 ) -> dict[str, Any]:
     dropped = _dropped_by_reason(checked)
     if options.dedupe and duplicates:
@@ -373,6 +441,7 @@ def _report(
         "duplicate_rows": [{"row": duplicate.source, "same_as": original.source} for duplicate, original in duplicates],
         "invalid_rows": [vars(failure) for file in checked for failure in file.failures],
         "chars": _chars(rows),
+        **usage,
         "split_rule": "eval_data files" if any(f.loaded.source.split == "eval" for f in checked) else f"content hash < eval_fraction={options.eval_fraction}",
         "options": options.model_dump(mode="json", exclude={"storage_options"}),
     }

@@ -93,3 +93,43 @@ def test_reader_skips_blank_lines_and_stops_where_its_caller_does(tmp_path):
     first = {"messages": chat("a"), "split": "eval", "source": "f:0"}
     path.write_text("\n" + json.dumps(first) + "\n\nnot json: never read\n", encoding="utf-8")
     assert next(read_canonical(f"file://{path}")) == first
+
+
+# --- rows with tools ---------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CALLING = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "reasoning": "Ask the tool.", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+    ]},
+    {"role": "tool", "content": "18", "tool_call_id": "c1", "name": "get_weather"},
+    {"role": "assistant", "content": "18 °C.", "weight": 1},
+]
+
+
+def test_a_row_without_tools_is_hashed_and_written_exactly_as_before_tools_existed():
+    plain = row("Q?")
+    assert plain.canonical == '[{"content":"Q?","role":"user"},{"content":"A.","role":"assistant"}]'
+    assert plain.as_json() == '{"messages":[{"role":"user","content":"Q?"},{"role":"assistant","content":"A."}],"split":"train","source":"f.jsonl:0"}'
+    assert Row(chat("Q?"), "train", "f.jsonl:0", tools=[]).canonical == plain.canonical
+
+
+def test_tools_are_part_of_the_content_and_written_only_when_given(tmp_path):
+    with_tools, without = Row(CALLING, "train", "f:0", [WEATHER]), Row(CALLING, "train", "f:1")
+    assert with_tools.canonical == json.dumps({"messages": CALLING, "tools": [WEATHER]}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert find_duplicates([with_tools, without]) == [] and content_key([with_tools]) != content_key([without])
+    assert list(json.loads(with_tools.as_json())) == ["messages", "tools", "split", "source"]
+    path = tmp_path / "data.jsonl"
+    write_canonical(path, [with_tools, without])
+    assert list(read_canonical(str(path))) == [
+        {"messages": CALLING, "tools": [WEATHER], "split": "train", "source": "f:0"},
+        {"messages": CALLING, "split": "train", "source": "f:1"},
+    ]
+
+
+def test_chars_count_every_text_that_is_tokenized():
+    """Content, reasoning, each call's name and JSON arguments, and the tool definitions as JSON."""
+    text = len("Weather in Paris?") + len("Ask the tool.") + len("get_weather") + len('{"city": "Paris"}') + len("18") + len("18 °C.")
+    assert Row(CALLING, "train", "f:0").chars == text
+    assert Row(CALLING, "train", "f:0", [WEATHER]).chars == text + len(json.dumps([WEATHER]))

@@ -127,9 +127,9 @@ def test_local_path_and_file_url(tmp_path, cache):
         ({"instruction": "Q?", "output": None}, "output", "missing value (null)"),
         ({"instruction": " \n\t", "output": "A."}, "instruction", "empty or whitespace-only"),
         ({"instruction": "Q?", "output": "A." * 30}, "instruction+output", "more than max_chars=50"),
-        ({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages", "turn 0: role 'bot'"),
+        ({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages", "messages[0].role: 'bot' is not one of"),
         ({"messages": [{"role": "user", "content": "x"}]}, "messages", "no assistant turn"),
-        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]}, "messages", "turn 1: content: expected a string"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]}, "messages", "messages[1].content: expected a string"),
         ({"messages": "hello"}, "messages", "expected a non-empty list"),
     ],
 )

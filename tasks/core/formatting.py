@@ -27,6 +27,32 @@ The plain template, for base models without a chat template (or `chat_template: 
 
 Its generation prompt is `### Response:\\n`. The EOS after every answer carries loss, so the model
 learns to stop even when pad == eos (padding is masked by labels, never by token id).
+
+Tools, tool calls, tool results and reasoning (canonical rows: tasks/core/rows.py). Each is given
+to the chat template when a probe shows the template renders it (`tools=` to
+`apply_chat_template`, an assistant turn's `tool_calls`, `role: tool`, and `reasoning_content` /
+`thinking` / `reasoning`). What the template cannot render, the fallback writes as text:
+
+* tool definitions: appended to the system turn (after a blank line), or a system turn of their
+  own: TOOLS_HEADER, one JSON object per definition a line, TOOLS_FOOTER;
+* a call: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` after the assistant's text
+  (one line break between them), one block per call;
+* a tool result: a `tool` turn when the template renders that role (SmolLM2's does), else a user
+  turn `<tool_response>\\n...\\n</tool_response>` (the plain template);
+* reasoning: dropped and counted (`template.reasoning: drop`), or `<think>\\n...\\n</think>\\n\\n`
+  before the answer (`inline`).
+
+Releases ship the same rewrite as a Jinja prelude in front of the template (`released_chat_template`),
+so `apply_chat_template(messages, tools=...)` on a released tokenizer renders what training did.
+Loss: assistant text and calls (weight 1, or train_on); never tool results, definitions, system or
+user text, nor weight-0 turns. Turns after the last turn with loss are cut.
+
+Control tokens in the data are text. A row whose strings contain the tokenizer's special tokens
+(`<|im_end|>` typed by a user, a BOS string in a tool result) is rendered a second time with each
+such string replaced by a private-use marker: where the markers land is the data's. The text is
+then split at the template's own special tokens only and the pieces are encoded with special
+tokens read as text, so the row's special ids are exactly those the template wrote. Rows without
+such strings take the ordinary one-call path, unchanged.
 """
 
 from __future__ import annotations

@@ -1,17 +1,20 @@
 """The canonical row: the one shape every input format is mapped onto, and the JSONL file of them
 that validate-data writes and tokenize and evaluate read.
 
-One object a line: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...],
-"split": "train"|"eval", "source": "<file>:<row>"}. Which rows are held out, which repeat one
-another and the key later stages cache on are all decided from the messages alone, never from
-`source`, so the same text lands the same way whatever its file is called."""
+One object a line: {"messages": [MESSAGE, ...], "tools": [TOOL, ...], "split": "train"|"eval",
+"source": "<file>:<row>"}, `tools` only when the row has tool definitions. A plain turn is exactly
+{"role", "content"}; assistant turns may add "tool_calls", "reasoning" and "weight", tool turns
+"tool_call_id" and "name"; a TOOL is {"type": "function", "function": {"name", "description",
+"parameters"}} (the canonical-tools contract, issue 12). Which rows are held out, which repeat one
+another and the key later stages cache on are all decided from the messages and tools alone, never
+from `source`, so the same text lands the same way whatever its file is called."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,13 +25,17 @@ from tasks.core.hashing import hash_bytes
 
 @dataclass
 class Row:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     split: str
     source: str
+    tools: list[dict[str, Any]] = field(default_factory=list)
 
     @functools.cached_property
     def canonical(self) -> str:
-        return json.dumps(self.messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        # A row without tools hashes its messages alone, exactly as before tools existed: the
+        # content keys and hash splits of existing data do not move.
+        content: Any = {"messages": self.messages, "tools": self.tools} if self.tools else self.messages
+        return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     @property
     def fraction(self) -> float:
@@ -37,24 +44,47 @@ class Row:
 
     @property
     def chars(self) -> int:
-        return sum(len(message["content"]) for message in self.messages)
+        return sum(message_chars(message) for message in self.messages) + tools_chars(self.tools)
 
     def as_json(self) -> str:
-        record = {"messages": self.messages, "split": self.split, "source": self.source}
+        record: dict[str, Any] = {"messages": self.messages}
+        if self.tools:
+            record["tools"] = self.tools
+        record.update(split=self.split, source=self.source)
         return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def _json_chars(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False))
+
+
+def message_chars(message: dict[str, Any]) -> int:
+    """Characters of text in one canonical turn: its content, reasoning and tool calls (each call's
+    name and its arguments as JSON), everything that is tokenized."""
+    calls = message.get("tool_calls", ())
+    return (
+        len(message["content"])
+        + len(message.get("reasoning", ""))
+        + sum(len(call["function"]["name"]) + _json_chars(call["function"]["arguments"]) for call in calls)
+    )
+
+
+def tools_chars(tools: list[dict[str, Any]]) -> int:
+    """Characters of the tool definitions as JSON (templates render them into the prompt)."""
+    return _json_chars(tools) if tools else 0
 
 
 # --- duplicates and split ----------------------------------------------------------------------
 
 
 def find_duplicates(rows: list[Row]) -> list[tuple[Row, Row]]:
-    """(duplicate, first occurrence) for every row whose messages equal an earlier row's."""
+    """(duplicate, first occurrence) for every row whose messages and tools equal an earlier row's."""
     first: dict[str, Row] = {}
     return [(row, first[row.canonical]) for row in rows if first.setdefault(row.canonical, row) is not row]
 
 
 def eval_in_train(rows: list[Row]) -> list[tuple[Row, Row]]:
-    """(eval row, training row) for every eval row whose messages are also a training row's: the
+    """(eval row, training row) for every eval row whose content is also a training row's: the
     eval loss on it measures memorisation. A hash split never does this; eval files can."""
     trained: dict[str, Row] = {}
     for row in rows:
