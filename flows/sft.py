@@ -21,20 +21,22 @@ from typing import Any
 
 from prefect import flow, tags
 from prefect.exceptions import TerminationSignal
+from prefect.states import Completed
 from prefect.runtime import flow_run
 
 from flows.cli import config_from_args
 from flows.report import format_dataset_stats, format_run_summary
 from flows.server import api_for_cli
 from schemas.config import SFTConfig
-from schemas.manifests import QualityGateError, ReleaseInputs, StageResult
+from schemas.manifests import Champion, QualityGateError, ReleaseInputs, StageResult
 from tasks.core import storage
 from tasks.core.modeling import ModelSourceError
 from tasks.core.storage import RefusedTargetError
 from tasks.core.trainer import TrainingDivergedError
 from tasks.evaluate import evaluate_task, publish_eval_artifacts
-from tasks.export import check_output_target, export_task
+from tasks.export import check_output_target, export_task, publish_rejection
 from tasks.model import import_model_task
+from tasks.releases import ReleaseStore
 from tasks.tokenize import publish_tokenize_stats, tokenize_task
 from tasks.train import train_task
 from tasks.validate import DataValidationError, publish_validation_table, validate_task
@@ -60,6 +62,7 @@ class RunLedger:
         self.resolved = config.redacted_dump()  # once: every record and the release carry this
         self.started = datetime.now(timezone.utc)
         self.stages: dict[str, dict[str, Any]] = {}
+        self.champion: Champion | None = None  # the release the new model was measured against
 
     def run(self, task: Any, *args: Any) -> Any:
         started = time.perf_counter()
@@ -83,6 +86,7 @@ class RunLedger:
             "started_at": self.started.isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(),
             "config": self.resolved,
+            "champion": self.champion.model_dump() if self.champion else None,
             "stages": self.stages,
         }
 
@@ -111,22 +115,50 @@ def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
         if config.dry_run:
             print(format_dataset_stats(data.stats, tokenized.stats))
             return _finish(ledger, "dry-run")
+        store = ReleaseStore(config.output, config.output_storage_options)
         with tags(GPU_TAG):
             trained = ledger.run(train_task, tokenized, model, config.train, cache, config.trust_remote_code, cache_options)
+            ledger.champion = champion_for(store, trained.key)
             evaluation = ledger.run(
                 evaluate_task, data, tokenized, model, trained, config.eval, config.template, cache,
-                config.trust_remote_code, cache_options,
+                config.trust_remote_code, cache_options, ledger.champion, config.output_storage_options,
             )
-        evaluation.require_passed()
         inputs = ReleaseInputs(model=model, data=data, tokenized=tokenized, trained=trained, evaluation=evaluation)
-        ledger.run(
+        exported = ledger.run(
             export_task, inputs, config.output_target, config.export, config.train, config.template,
             ledger.manifest("completed"), config.trust_remote_code, cache_options,
         )
     except BaseException as error:  # Ctrl-C and SIGTERM too: every attempt leaves its record
         _finish(ledger, _failure_status(error))
         raise
+    if exported.stats["decision"] == "rejected":
+        return rejected(ledger, exported, evaluation)
     return _finish(ledger, "completed", exported=True)
+
+
+def champion_for(store: ReleaseStore, trained_key: str) -> Champion | None:
+    """The release a new model must beat: the one in production. When production already is this
+    very model (nothing changed since it was built), the champion it was measured against then, so
+    evaluation and export are the cache hits they were."""
+    name = store.production()
+    if name is None:
+        return None
+    info = store.info(name)
+    if info.trained_key == trained_key:
+        return Champion(**info.evaluated_against) if info.evaluated_against else None
+    return Champion(name=name, url=info.url, key=info.key)
+
+
+def rejected(ledger: RunLedger, exported: StageResult, evaluation: StageResult):
+    """The run's end when the new model lost to the champion: a Completed state named 'Rejected'
+    (in the Prefect UI, distinct from both a crash and a promotion) whose result is the manifest."""
+    manifest = _finish(ledger, "rejected", exported=exported.stats["release"] is not None)
+    where = exported.stats["release"] or "not written (export.keep_rejected is off)"
+    message = (f"not promoted: {evaluation.gate_message}. Production still {exported.stats['production'] or 'empty'}; "
+               f"the candidate release: {where}")
+    print(message)
+    publish_rejection(message)
+    return Completed(name="Rejected", message=message, data=manifest)
 
 
 def require_eval_rows(data: StageResult, config: SFTConfig) -> None:
@@ -155,12 +187,13 @@ def _finish(ledger: RunLedger, status: str, exported: bool = False) -> dict[str,
     options = ledger.config.output_storage_options
     stamp = ledger.started.strftime("%Y%m%dT%H%M%SZ")
     built_release = exported and ledger.stages["export"]["cache"] == "miss"
-    url = storage.join(ledger.config.output, "run_manifest.json") if built_release else storage.join(
+    url = storage.join(ledger.stages["export"]["uri"], "run_manifest.json") if built_release else storage.join(
         ledger.config.output, "attempts", f"{stamp}-{status}", "run_manifest.json"
     )
     if built_release:
         # Keep what export added (content hashes, code version); add export's own timing.
         manifest = {**storage.read_json(url, options), **{k: manifest[k] for k in ("status", "finished_at", "stages")}}
+        manifest["release"]["decision"] = ledger.stages["export"]["stats"]["decision"]
     storage.write_json_atomic(url, manifest, options)
     manifest["manifest_uri"] = url
     return manifest

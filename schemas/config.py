@@ -160,10 +160,11 @@ class GateOptions(_Section):
         "eval_loss", "token_f1", "rouge_l", "exact_match", "contains_reference", "tool_name_accuracy", "tool_call_accuracy"
     ] = Field(
         "eval_loss",
-        description="Metric the quality gate compares between base and tuned; eval_loss is lower-is-better, the others (over the generated answers) higher-is-better. The tool_* metrics need held-out rows whose answer ends in a tool call.",
+        description="Metric the quality gate compares between the champion (production release, else the base model) and the new model; eval_loss is lower-is-better, the others (over the generated answers) higher-is-better. The tool_* metrics need held-out rows whose answer ends in a tool call.",
     )
     max_regression: float | None = Field(
-        0.0, description="Largest allowed worsening of the metric versus the base model (empty: no relative check)."
+        0.0,
+        description="Largest allowed worsening of the metric versus the champion (the production release; the base model when nothing is in production). Empty: no relative check.",
     )
     min_value: float | None = Field(None, description="Tuned metric must be at least this (higher-is-better metrics).")
     max_value: float | None = Field(None, description="Tuned metric must be at most this (eval_loss).")
@@ -180,7 +181,30 @@ class EvalOptions(_Section):
 class ExportOptions(_Section):
     merge_lora: bool = Field(True, description="LoRA runs: also export the merged full model.")
     max_shard_size: str = Field("2GB", description="Largest safetensors shard.")
-    update_latest: bool = Field(False, description="Write a `latest` pointer next to the output after a successful export.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the released weights; 'auto': the base model's (bf16 for SmolLM2)."
+    )
+    promote: Literal["auto", "manual"] = Field(
+        "auto",
+        description="'auto': a release that passes the gate becomes production; 'manual': it is written and waits for `promote`.",
+    )
+    keep_rejected: bool = Field(
+        True, description="Write a release that fails the gate as a rejected candidate (production never moves to it)."
+    )
+    keep_releases: int = Field(
+        5, ge=1, description="Releases kept under output/releases/; older ones are deleted, never the one in production."
+    )
+
+
+class TrackingOptions(_Section):
+    mlflow_uri: str = Field(
+        "",
+        description="MLflow tracking server URI; empty: the MLFLOW_TRACKING_URI environment variable, or no tracking. A server that is down is a warning.",
+    )
+    experiment: str = Field("prefect-sft", description="MLflow experiment the runs are logged to.")
+    registered_model: str = Field(
+        "prefect-sft", description="MLflow registered model a promoted release is added to (alias 'champion')."
+    )
 
 
 class SFTConfig(BaseModel):
@@ -216,7 +240,8 @@ class SFTConfig(BaseModel):
     template: TemplateOptions = Field(default_factory=TemplateOptions, description="Prompt formatting and loss masking.")
     train: TrainOptions = Field(default_factory=TrainOptions, description="Training hyperparameters and hardware.")
     eval: EvalOptions = Field(default_factory=EvalOptions, description="Base vs tuned evaluation and quality gate.")
-    export: ExportOptions = Field(default_factory=ExportOptions, description="What the release contains.")
+    export: ExportOptions = Field(default_factory=ExportOptions, description="What the release contains, promotion and retention.")
+    tracking: TrackingOptions = Field(default_factory=TrackingOptions, description="Run tracking in MLflow (optional).")
 
     def redacted_dump(self) -> dict[str, Any]:
         """The resolved config as JSON-able values, storage credentials replaced (keys kept), for

@@ -57,6 +57,14 @@ class EvalArtifact(StageResult):
             raise QualityGateError(f"Quality gate: {self.gate_message}")
 
 
+class Champion(BaseModel):
+    """The release in production that a new model must beat (tasks/releases.py)."""
+
+    name: str = Field(description="Release name under <output>/releases/.")
+    url: str = Field(description="fsspec URL of the release folder.")
+    key: str = Field(description="The release's content key: the champion's scores are cached under it.")
+
+
 class ExportArtifact(StageResult):
     """A complete release folder."""
 

@@ -21,7 +21,7 @@ from typing import Any
 from prefect import task
 
 from schemas.config import EvalOptions, GateOptions, TemplateOptions
-from schemas.manifests import DataArtifact, EvalArtifact, ModelArtifact, TokenizedArtifact, TrainArtifact
+from schemas.manifests import Champion, DataArtifact, EvalArtifact, ModelArtifact, TokenizedArtifact, TrainArtifact
 from tasks import reporting
 from tasks.artifacts import publisher
 from tasks.caching import content_cache_key
@@ -42,13 +42,16 @@ def evaluate_entry(
     template: TemplateOptions,
     cache_dir: str,
     trust_remote_code: bool = False,
+    champion: Champion | None = None,
 ) -> tuple[str, str]:
-    # trust_remote_code is in the key: for a repository with both its own code and a transformers
+    # The champion (the release in production) is in the key by its content key: a new champion
+    # is a new comparison. trust_remote_code is in the key: for a repository with both its own code and a transformers
     # class, it picks which modeling code computes the metrics. Storage options are not: they say
     # where the cache is, not what it holds.
     key = hashing.hash_parts(
         "evaluate", data.key, tokenized.key, model.key, trained.key,
-        options.model_dump(mode="json"), template.model_dump(mode="json"), trust_remote_code, CODE_VERSION,
+        options.model_dump(mode="json"), template.model_dump(mode="json"), trust_remote_code,
+        champion.key if champion else None, CODE_VERSION,
     )[:24]
     return key, storage.join(cache_dir, "eval", key)
 
@@ -63,20 +66,27 @@ def evaluate_models(
     cache_dir: str,
     trust_remote_code: bool = False,
     cache_storage_options: dict[str, Any] | None = None,
+    champion: Champion | None = None,
+    champion_storage_options: dict[str, Any] | None = None,
 ) -> EvalArtifact:
-    """Evaluate base and tuned models (or reuse a complete entry) and apply the gate."""
-    key, url = evaluate_entry(data, tokenized, model, trained, options, template, cache_dir, trust_remote_code)
+    """Evaluate base, tuned and (when there is one) champion models, or reuse a complete entry, and
+    apply the gate: tuned against the champion, else against the base model. The champion's
+    release is read with `champion_storage_options` (the output's)."""
+    key, url = evaluate_entry(data, tokenized, model, trained, options, template, cache_dir, trust_remote_code, champion)
     store_hit = storage.is_complete(url, cache_storage_options)
     if not store_hit:
         with storage.atomic_directory(url, cache_storage_options) as scratch:
             if options.enabled:
-                _evaluate_into(scratch, data, tokenized, model, trained, options, template, trust_remote_code, cache_storage_options)
+                rival = (champion, champion_storage_options or {}) if champion else None
+                _evaluate_into(scratch, data, tokenized, model, trained, options, template, trust_remote_code, cache_storage_options,
+                               rival, cache_dir)
             else:
                 _write_results(scratch, {}, {}, [], [], options.gate, enabled=False)
     return _artifact(url, key, store_hit, cache_storage_options)
 
 
-def _evaluate_into(scratch: Path, data, tokenized, model, trained, options, template, trust_remote_code, cache_options) -> None:
+def _evaluate_into(scratch: Path, data, tokenized, model, trained, options, template, trust_remote_code, cache_options, rival=None,
+                   cache_dir: str = "") -> None:
     from datasets import load_from_disk
 
     device = modeling.pick_device()
@@ -106,7 +116,33 @@ def _evaluate_into(scratch: Path, data, tokenized, model, trained, options, temp
     del current
     generations = [_generation(sample, b, t) for sample, b, t in zip(samples, answers["base"], answers["tuned"])]
     curve = reporting.read_loss_curve(trained, cache_options)
-    _write_results(scratch, scores["base"], scores["tuned"], generations, curve, options.gate)
+    champion = None
+    if rival is not None:
+        scored = champion_scores(rival, base_dir, examples, prompts, references, expected, tokenizer, options, trust_remote_code,
+                                 (dtype, device), (storage.join(cache_dir, "champion-scores"), cache_options, tokenized.key))
+        champion = {"name": rival[0].name, "scores": scored}
+    _write_results(scratch, scores["base"], scores["tuned"], generations, curve, options.gate, champion=champion)
+
+
+def champion_scores(rival, base_dir, examples, prompts, references, expected, tokenizer, options: EvalOptions, trust_remote_code: bool,
+                    placement, cache) -> dict:
+    """The champion release's scores on the same held-out rows and prompts. They are cached under
+    the champion's key and the data's, so a nightly run with unchanged data scores it only once."""
+    champion, release_options = rival
+    folder, cache_options, tokenized_key = cache
+    settings = options.model_dump(mode="json", exclude={"gate", "enabled"})
+    url = storage.join(folder, hashing.hash_parts(champion.key, tokenized_key, settings, prompts, CODE_VERSION)[:24] + ".json")
+    if storage.exists(url, cache_options):
+        return storage.read_json(url, cache_options)
+    dtype, device = placement
+    logger.info("Evaluating the champion %s on %d eval rows and %d prompts", champion.name, len(examples), len(prompts))
+    current = modeling.load_release(storage.local_copy(champion.url, release_options), base_dir, trust_remote_code, dtype, device)
+    scores = scoring.response_loss(current, examples, options.batch_size)
+    answers = scoring.generate(current, tokenizer, prompts, options.max_new_tokens, options.batch_size)
+    scores.update(metrics.score_generations(answers, references, expected))
+    scores["num_generated"] = len(answers)
+    storage.write_json_atomic(url, scores, cache_options)
+    return scores
 
 
 def eval_samples(data_uri: str, limit: int, storage_options: dict[str, Any] | None = None) -> list[dict]:
@@ -154,24 +190,25 @@ def _generation(sample: dict, base: str, tuned: str) -> dict:
 # The gate
 
 
-def check_gate(base: dict, tuned: dict, gate: GateOptions) -> tuple[bool, str]:
-    """(passed, message). eval_loss (and perplexity) are lower-is-better, text metrics higher."""
+def check_gate(base: dict, tuned: dict, gate: GateOptions, reference: str = "base") -> tuple[bool, str]:
+    """(passed, message): `tuned` against `base`, the reference model's scores (`reference` names it:
+    'base', or 'champion <release>'). eval_loss (and perplexity) are lower-is-better, text metrics higher."""
     name = gate.metric
     lower = not metrics.HIGHER_IS_BETTER[name]
     b, t = base.get(name), tuned.get(name)
     rules = [f"{rule} {value:g}" for rule, value in
              (("max_regression", gate.max_regression), ("min_value", gate.min_value), ("max_value", gate.max_value)) if value is not None]
     head = (
-        f"gate on {name} ({'lower' if lower else 'higher'} is better): base {number(b)}, tuned {number(t)}; "
+        f"gate on {name} ({'lower' if lower else 'higher'} is better): {reference} {number(b)}, tuned {number(t)}; "
         f"threshold {', '.join(rules) or 'none'}"
     )
-    failures = _gate_failures(name, lower, b, t, gate)
+    failures = _gate_failures(name, lower, b, t, gate, reference)
     if failures:
         return False, f"FAILED {head}: " + "; ".join(failures)
     return True, f"passed {head}"
 
 
-def _gate_failures(name: str, lower: bool, b: Any, t: Any, gate: GateOptions) -> list[str]:
+def _gate_failures(name: str, lower: bool, b: Any, t: Any, gate: GateOptions, reference: str = "base") -> list[str]:
     if t is None:
         if name in metrics.TOOL_METRICS:
             return [f"tuned {name} is unavailable (no generated eval row ends in a tool call, or num_generate is 0)"]
@@ -181,11 +218,11 @@ def _gate_failures(name: str, lower: bool, b: Any, t: Any, gate: GateOptions) ->
     failures = []
     if gate.max_regression is not None:
         if not finite(b):
-            failures.append(f"base {name} is unavailable, so the regression cannot be checked")
+            failures.append(f"{reference} {name} is unavailable, so the regression cannot be checked")
         else:
             regression = (t - b) if lower else (b - t)
             if regression > gate.max_regression + 1e-12:
-                failures.append(f"tuned is worse than base by {regression:.6g} > max_regression {gate.max_regression:g}")
+                failures.append(f"tuned is worse than {reference} by {regression:.6g} > max_regression {gate.max_regression:g}")
     if gate.min_value is not None and t < gate.min_value:
         failures.append(f"tuned {number(t)} < min_value {gate.min_value:g}")
     if gate.max_value is not None and t > gate.max_value:
@@ -193,21 +230,46 @@ def _gate_failures(name: str, lower: bool, b: Any, t: Any, gate: GateOptions) ->
     return failures
 
 
+def comparison(reference: dict, tuned: dict, gate: GateOptions, label: str, passed: bool) -> dict[str, Any]:
+    """The champion-vs-challenger row the release, its card and the Prefect artifacts show."""
+    name = gate.metric
+    ref, new = reference.get(name), tuned.get(name)
+    return {
+        "metric": name,
+        "lower_is_better": not metrics.HIGHER_IS_BETTER[name],
+        "champion": label,
+        "champion_value": ref,
+        "challenger_value": new,
+        "delta": new - ref if finite(ref) and finite(new) else None,
+        "decision": "promote" if passed else "reject",
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Results on disk
 
 
-def _write_results(scratch: Path, base: dict, tuned: dict, generations: list, curve: list, gate: GateOptions, enabled: bool = True) -> None:
+def _write_results(scratch: Path, base: dict, tuned: dict, generations: list, curve: list, gate: GateOptions, enabled: bool = True,
+                   champion: dict | None = None) -> None:
+    """metrics.json ({base, tuned, delta, champion?, comparison}), gate.json, generations.json, the
+    plot and report.md. `champion` is {"name", "scores"} of the release in production, if any: the
+    gate compares against it, else against the base model."""
+    reference, label = (champion["scores"], f"champion {champion['name']}") if champion else (base, "base")
     if enabled:
-        passed, message = check_gate(base, tuned, gate)
+        passed, message = check_gate(reference, tuned, gate, label)
     else:
         passed, message = True, "evaluation disabled (eval.enabled = false): the gate was not applied"
     logger.info("Quality gate %s", message)
-    (scratch / "metrics.json").write_text(json.dumps({"base": base, "tuned": tuned, "delta": scoring.delta(base, tuned)}, indent=2) + "\n")
+    results = {"base": base, "tuned": tuned, "delta": scoring.delta(base, tuned)}
+    if champion:
+        results["champion"] = {"release": champion["name"], **champion["scores"]}
+    results["comparison"] = comparison(reference, tuned, gate, label, passed) if enabled else {}
+    (scratch / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     (scratch / "gate.json").write_text(json.dumps({"passed": passed, "message": message, **gate.model_dump(mode="json")}, indent=2) + "\n")
     (scratch / "generations.json").write_text(json.dumps(generations, indent=2, ensure_ascii=False) + "\n")
     reporting.plot_loss_curve(curve, scratch / "loss_curve.png", base.get("eval_loss"), tuned.get("eval_loss"))
-    (scratch / "report.md").write_text(reporting.render_report(base, tuned, generations, passed, message, "loss_curve.png"))
+    report = reporting.render_report(base, tuned, generations, passed, message, "loss_curve.png", results["comparison"])
+    (scratch / "report.md").write_text(report)
 
 
 def _artifact(url: str, key: str, store_hit: bool, storage_options: dict[str, Any] | None) -> EvalArtifact:
@@ -219,7 +281,8 @@ def _artifact(url: str, key: str, store_hit: bool, storage_options: dict[str, An
         key=key,
         passed=gate["passed"],
         gate_message=gate["message"],
-        stats={"base": results["base"], "tuned": results["tuned"]},
+        stats={"base": results["base"], "tuned": results["tuned"], "champion": results.get("champion"),
+               "comparison": results.get("comparison", {})},
         store_hit=store_hit,
     )
 
@@ -242,11 +305,16 @@ def _publish_eval_artifacts(result: EvalArtifact, storage_options: dict[str, Any
         table=reporting.metric_rows(base, tuned), key="sft-eval-metrics",
         description=f"Base vs tuned ({'gate passed' if result.passed else 'GATE FAILED'}): {result.gate_message}",
     )
+    if result.stats.get("comparison"):
+        create_table_artifact(
+            table=[result.stats["comparison"]], key="sft-champion-vs-challenger",
+            description=f"Champion vs challenger: {'promote' if result.passed else 'REJECTED, production unchanged'}",
+        )
     fs, path = storage.filesystem(storage.join(result.uri, "loss_curve.png"), storage_options)
     image = "data:image/png;base64," + base64.b64encode(fs.cat_file(path)).decode("ascii")
     generations = storage.read_json(storage.join(result.uri, "generations.json"), storage_options)
     create_markdown_artifact(
-        markdown=reporting.render_report(base, tuned, generations, result.passed, result.gate_message, image),
+        markdown=reporting.render_report(base, tuned, generations, result.passed, result.gate_message, image, result.stats.get("comparison")),
         key="sft-eval-report", description="Evaluation report with sample generations side by side",
     )
 
@@ -271,7 +339,10 @@ def evaluate_task(
     cache_dir: str,
     trust_remote_code: bool = False,
     cache_storage_options: dict[str, Any] | None = None,
+    champion: Champion | None = None,
+    champion_storage_options: dict[str, Any] | None = None,
 ) -> EvalArtifact:
-    result = evaluate_models(data, tokenized, model, trained, options, template, cache_dir, trust_remote_code, cache_storage_options)
+    result = evaluate_models(data, tokenized, model, trained, options, template, cache_dir, trust_remote_code, cache_storage_options,
+                             champion, champion_storage_options)
     publish_eval_artifacts(result, cache_storage_options)
     return result

@@ -30,8 +30,8 @@ import yaml
 from prefect import task
 
 from schemas.config import ExportOptions, TemplateOptions, TrainOptions
-from schemas.manifests import ExportArtifact, OutputTarget, ReleaseInputs
-from tasks import model_card, reporting
+from schemas.manifests import EvalArtifact, ExportArtifact, OutputTarget, ReleaseInputs
+from tasks import model_card, releases, reporting
 from tasks.artifacts import publisher
 from tasks.core import formatting, hashing, modeling, storage
 from tasks.retrying import retry_transient
@@ -52,20 +52,20 @@ def check_output_target(
     output: str, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None,
     cache_storage_options: dict[str, Any] | None = None,
 ) -> None:
-    """Refuse, before any work starts, an output that publishing a release would destroy.
+    """Refuse, before any work starts, an output that is not a release root of ours.
 
-    Publishing replaces the whole folder at `output`, so it may only be: missing, an empty folder,
-    a release of ours (manifest with a release key, and no file the release did not write), or a
-    folder holding nothing but our run records (`attempts/`). Anything else (a regular file, `.`,
-    the folder with the user's data) raises RefusedTargetError naming the path. The cache may not
-    live inside the output (the release would replace it) nor the output inside the cache;
-    `cache_storage_options` are the cache's fsspec options (it may live on another filesystem)."""
+    `output` holds versioned releases and their pointers (tasks/releases.py), so it may only be:
+    missing, an empty folder, or a folder holding nothing but what a release root holds
+    (releases/, production, LATEST, history.jsonl, attempts/). Anything else (a regular file, `.`,
+    the folder with the user's data, a release in the old single-folder layout) raises
+    RefusedTargetError naming the path. The cache may not live inside the output nor the output
+    inside the cache; `cache_storage_options` are the cache's fsspec options."""
     fs, path = storage.filesystem(output, storage_options)
     shown = fs.unstrip_protocol(path) if "://" in output else output
     if cache_dir is not None and _overlaps(output, storage_options, cache_dir, cache_storage_options):
         raise storage.RefusedTargetError(
-            f"--output {shown} and --cache_dir {cache_dir} overlap: publishing the release replaces the whole output "
-            "folder, so the two must be separate folders"
+            f"--output {shown} and --cache_dir {cache_dir} overlap: the output holds releases that are deleted by "
+            "retention, so the two must be separate folders"
         )
     if not fs.exists(path):
         return
@@ -73,37 +73,31 @@ def check_output_target(
         raise storage.RefusedTargetError(
             f"--output {shown} is an existing file, not a release folder: refusing to replace it. Choose a new folder."
         )
-    foreign = _foreign_entries(fs, path, sorted(_names(fs, path)))
+    names = sorted(_names(fs, path))
+    if RELEASE_MANIFEST in names:
+        raise storage.RefusedTargetError(
+            f"--output {shown} holds a release in the previous single-folder layout: releases are now versioned "
+            "under <output>/releases/. Choose a new folder (and copy the old release there if you still need it)."
+        )
+    foreign = _foreign_entries(fs, path, names)
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise storage.RefusedTargetError(
-            f"--output {shown} is an existing folder that is not a release of this pipeline (it holds {listed}): "
-            "refusing to replace it, nothing was changed. Choose a new or empty folder, or a previous release."
+            f"--output {shown} is an existing folder that is not a release root of this pipeline (it holds {listed}): "
+            "refusing to replace it, nothing was changed. Choose a new or empty folder, or a previous output."
         )
 
 
 def _foreign_entries(fs, path: str, names: list[str]) -> list[str]:
-    """The entries of an existing output folder that a release must not replace."""
-    if not names:
-        return []
-    ours = {ATTEMPTS, storage.COMPLETE_MARKER}
-    release = _read_release(fs, f"{path}/{RELEASE_MANIFEST}") if RELEASE_MANIFEST in names else None
-    if release is not None:
-        # Releases list what they wrote; older ones did not, and count as wholly ours.
-        ours |= set(release.get("files") or names)
-    foreign = [name for name in names if name not in ours]
+    """The entries of an existing output folder that are not a release root's."""
+    foreign = [name for name in names if not releases.is_release_root_entry(name)]
+    if releases.RELEASES in names:
+        # Our releases, and the hidden scratch of one being written.
+        foreign += [f"{releases.RELEASES}/{name}" for name in _names(fs, f"{path}/{releases.RELEASES}")
+                    if not (releases.RELEASE_NAME.match(name) or name.startswith("."))]
     if ATTEMPTS in names:
         foreign += [f"{ATTEMPTS}/{name}" for name in _names(fs, f"{path}/{ATTEMPTS}") if not ATTEMPT_NAME.match(name)]
     return foreign
-
-
-def _read_release(fs, manifest_path: str) -> dict | None:
-    try:
-        with fs.open(manifest_path, "r", encoding="utf-8") as handle:
-            release = json.load(handle).get("release")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return release if isinstance(release, dict) and release.get("key") else None
 
 
 def _names(fs, path: str) -> list[str]:
@@ -128,42 +122,66 @@ def export_release(
     trust_remote_code: bool = False,
     cache_storage_options: dict[str, Any] | None = None,
 ) -> ExportArtifact:
-    """Write the release to target.url, or keep the release already there when it is complete and
-    was built from exactly the same inputs (store_hit). An evaluation that failed the quality gate
-    is refused here too (QualityGateError), whatever the caller did before. `run_manifest` is the
-    flow's record so far; its `config` (already redacted) goes into the release as it is."""
-    inputs.evaluation.require_passed()
-    url, out_options = target.url, target.storage_options
+    """Write the release under `<target.url>/releases/` (or find the one built from exactly the same
+    inputs: store_hit), then move the pointers (tasks/releases.py). A model that passed its gate
+    becomes LATEST, and production unless `options.promote` is 'manual'. One that failed is written
+    as a rejected candidate (or not at all without `keep_rejected`); production does not move.
+    `run_manifest` is the flow's record so far; its `config` (already redacted) goes in as it is."""
+    store = releases.ReleaseStore(target.url, target.storage_options)
+    passed = inputs.evaluation.passed
     key = export_key(inputs, options, train, template, trust_remote_code)
-    store_hit = _release_key(url, out_options) == key
-    if not store_hit:
-        check_output_target(url, out_options)  # again: the folder may have changed since the run began
+    name = store.find(key)
+    store_hit = name is not None
+    if name is None and (passed or options.keep_rejected):
+        check_output_target(target.url, target.storage_options)  # again: the folder may have changed since the run began
+        name = store.new_name(key)
         release = Release(inputs, options, train, template, trust_remote_code, cache_storage_options or {})
-        with storage.atomic_directory(url, out_options) as scratch:
+        with storage.atomic_directory(store.release_url(name), target.storage_options) as scratch:
             build_release(scratch, key, release, run_manifest)
-    files = _listing(url, out_options)
-    latest = write_latest(url, out_options) if options.update_latest else None
+    decision = move_pointers(store, name, inputs.evaluation, options)  # after the release is complete
+    pruned = store.prune(options.keep_releases)
+    url = store.release_url(name) if name else target.url
+    files = _listing(url, target.storage_options) if name else {}
     return ExportArtifact(
         stage="export",
         uri=url,
         key=key,
         store_hit=store_hit,
         stats={
+            "release": name,
+            "decision": decision,
+            "production": store.production(),
+            "latest": store.latest(),
+            "pruned": pruned,
             "method": inputs.trained.method,
             "merged": _merged(inputs, options),
             "weight_shards": sum(name.endswith(".safetensors") and "/" not in name for name in files),
             "files": len(files),
             "bytes": sum(files.values()),
-            "latest": latest,
         },
     )
+
+
+def move_pointers(store: releases.ReleaseStore, name: str | None, evaluation: EvalArtifact, options: ExportOptions) -> str:
+    """LATEST and production after a release: the decision ('promoted', 'pending' for manual
+    promotion, 'unchanged' when it already is production, 'rejected')."""
+    if not evaluation.passed:
+        return "rejected"
+    store.set_latest(name)
+    if store.production() == name:
+        return "unchanged"
+    if options.promote == "manual":
+        return "pending"
+    store.promote(name, reason=evaluation.gate_message)
+    return "promoted"
 
 
 # Options that say where things are or how a run is spread over machines, not what the release
 # holds: left out of its key like the output and cache URLs and every storage option.
 TRAIN_PLACEMENT = {"node_rank", "rdzv_endpoint"}
-# The LATEST pointer lives next to the release and is written on a reused release too.
-EXPORT_PLACEMENT = {"update_latest"}
+# Promotion and retention decide what the pointers name and how many releases stay, not what a
+# release holds.
+EXPORT_PLACEMENT = {"promote", "keep_releases", "keep_rejected"}
 
 
 def export_key(inputs: ReleaseInputs, options: ExportOptions, train: TrainOptions, template: TemplateOptions,
@@ -260,6 +278,7 @@ def save_weights(scratch: Path, base_dir: Path, trained_dir: Path, release: Rele
         final = modeling.load_causal_lm(trained_dir / "model", trust, dtype="auto")
     else:
         raise ValueError(f"unknown training method {method!r}")
+    final = final.to(release_dtype(base_dir, release.options, trust))
     final.config.use_cache = True  # training turns the KV cache off; generation wants it on
     generation = final.generation_config
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -270,6 +289,15 @@ def save_weights(scratch: Path, base_dir: Path, trained_dir: Path, release: Rele
     final.save_pretrained(str(scratch), max_shard_size=release.options.max_shard_size)
     if not (scratch / "generation_config.json").exists():
         generation.save_pretrained(str(scratch))
+
+
+def release_dtype(base_dir: Path, options: ExportOptions, trust_remote_code: bool):
+    """The released weights' dtype: export.dtype, or ('auto') the base model's own."""
+    import torch
+
+    if options.dtype != "auto":
+        return getattr(torch, options.dtype)
+    return modeling.saved_dtype(base_dir, trust_remote_code)
 
 
 def release_manifest(key: str, release: Release, run_manifest: dict) -> dict[str, Any]:
@@ -295,6 +323,8 @@ def release_manifest(key: str, release: Release, run_manifest: dict) -> dict[str
         "method": inputs.trained.method,
         "merged": _merged(inputs, release.options),
         "gate": {"passed": inputs.evaluation.passed, "message": inputs.evaluation.gate_message},
+        "comparison": inputs.evaluation.stats.get("comparison", {}),
+        "evaluated_against": run_manifest.get("champion"),  # the production release it had to beat, if any
         "versions": {"python": platform.python_version(), **{name: _version(name) for name in LIBRARIES}},
     }
     return manifest
@@ -310,27 +340,6 @@ def _version(name: str) -> str | None:
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
-        return None
-
-
-def write_latest(output: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Point `LATEST` (a text file next to the release, naming it) at this release; returns its URL."""
-    fs, path = storage.filesystem(output, storage_options)
-    path = path.rstrip("/")
-    parent, _, name = path.rpartition("/")
-    pointer = f"{parent}/LATEST" if parent or path.startswith("/") else f"{path}.latest"
-    temporary = f"{pointer}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.pipe_file(temporary, f"{name}\n".encode("utf-8"))
-    fs.mv(temporary, pointer)
-    return fs.unstrip_protocol(pointer)
-
-
-def _release_key(output: str, storage_options: dict[str, Any]) -> str | None:
-    if not storage.is_complete(output, storage_options):
-        return None
-    try:
-        return storage.read_json(storage.join(output, "run_manifest.json"), storage_options).get("release", {}).get("key")
-    except (FileNotFoundError, ValueError, AttributeError):
         return None
 
 
@@ -371,9 +380,21 @@ def export_task(
 
 @publisher("release link")
 def publish_release_link(result: ExportArtifact) -> None:
-    """A Prefect link artifact to the release."""
+    """A Prefect link artifact to the release, saying what became of it."""
     from prefect.artifacts import create_link_artifact
 
+    if not result.stats.get("release"):
+        return
     link = result.uri if "://" in result.uri else Path(result.uri).resolve().as_uri()  # a bare path is local
-    create_link_artifact(link=link, link_text=f"SFT release {result.key}", key="sft-release",
-                         description=f"{result.stats.get('files')} files, {result.stats.get('bytes')} bytes")
+    create_link_artifact(link=link, link_text=f"SFT release {result.stats['release']} ({result.stats['decision']})", key="sft-release",
+                         description=f"{result.stats['decision']}; production: {result.stats['production']}; "
+                                     f"{result.stats.get('files')} files, {result.stats.get('bytes')} bytes")
+
+
+@publisher("rejection")
+def publish_rejection(message: str) -> None:
+    """A markdown artifact that says plainly that the new model was not promoted, and why."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=f"# Rejected: not promoted\n\n{message}\n", key="sft-decision",
+                             description="The new model lost to the champion; production is unchanged")

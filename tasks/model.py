@@ -146,6 +146,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         setattr(loaded.generation_config, name, token_id)
     loaded.save_pretrained(str(target), safe_serialization=True)
     tokenizer.save_pretrained(str(target))
+    # The weights stay fp32 (the exact dequantized values), but the model is published in bf16:
+    # its config says so, and releases are written in the base model's dtype (export.dtype 'auto').
+    config_file = target / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = "bfloat16"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 CODE_VERSION = hashing.code_version(sys.modules[__name__])

@@ -64,9 +64,25 @@ def metric_table(base: dict, tuned: dict) -> list[str]:
     return lines + ["| " + " | ".join([row["metric"], *(number(row[k]) for k in ("base", "tuned", "delta"))]) + " |" for row in rows]
 
 
-def render_report(base: dict, tuned: dict, generations: list[dict], passed: bool, message: str, image: str) -> str:
+def comparison_table(comparison: dict) -> list[str]:
+    """Champion vs challenger on the gate's metric: the decision in one table (empty when the gate
+    was not applied)."""
+    if not comparison:
+        return []
+    better = "lower" if comparison["lower_is_better"] else "higher"
+    return [
+        f"| gate metric ({better} is better) | champion | challenger | delta | decision |", "|---|---|---|---|---|",
+        f"| {comparison['metric']} | {cell(comparison['champion'])}: {number(comparison['champion_value'])} | "
+        f"{number(comparison['challenger_value'])} | {number(comparison['delta'])} | **{comparison['decision']}** |",
+    ]
+
+
+def render_report(base: dict, tuned: dict, generations: list[dict], passed: bool, message: str, image: str,
+                  comparison: dict | None = None) -> str:
     """The evaluation report (report.md and the Prefect artifact): gate, metrics, loss plot, answers."""
     lines = ["# Evaluation: base vs tuned", "", f"**Quality gate: {'PASSED' if passed else 'FAILED'}** - {message}", ""]
+    if comparison:
+        lines += ["## Champion vs challenger", "", *comparison_table(comparison), ""]
     table = metric_table(base, tuned)
     if table:
         lines += [*table, "", f"Eval rows: {base.get('eval_examples', 0)} ({base.get('eval_tokens', 0)} response tokens); "

@@ -241,3 +241,10 @@ def locked_cache(tmp_path, monkeypatch):
 def locked_bytes() -> dict[str, bytes]:
     """Every file in the lockedmem:// store, by path."""
     return {path: file.getvalue() for path, file in LockedMemoryFileSystem.store.items()}
+
+
+def production(output: str | Path) -> Path:
+    """The folder of the release that `production` names under a local release root."""
+    root = Path(output)
+    return root / "releases" / (root / "production").read_text().strip()
+

@@ -15,6 +15,7 @@ import pytest
 from flows.sft import sft
 from schemas.config import TemplateOptions
 from tasks.core import formatting, storage
+from tests.conftest import production
 from tests.test_flow import tiny_config
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
@@ -101,7 +102,7 @@ def test_agent_data_trains_end_to_end(agent_run):
 
 def test_held_out_calls_are_scored(agent_run):
     config, manifest = agent_run
-    metrics = json.loads((Path(config.output) / "eval" / "metrics.json").read_text())
+    metrics = json.loads((production(config.output) / "eval" / "metrics.json").read_text())
     for model in ("base", "tuned"):
         assert 0.0 <= metrics[model]["tool_call_accuracy"] <= metrics[model]["tool_name_accuracy"] <= 1.0
         assert metrics[model]["num_tool_call_references"] == 2
@@ -111,7 +112,7 @@ def test_released_template_renders_agent_rows_as_training_did(agent_run):
     config, manifest = agent_run
     rows = [json.loads(line) for line in storage.read_text(manifest["stages"]["validate-data"]["uri"]).splitlines()]
     base = formatting.load_tokenizer(config.model)
-    released = formatting.load_tokenizer(config.output)
+    released = formatting.load_tokenizer(production(config.output))
     template = TemplateOptions.model_validate(config.template.model_dump())
     for row in [r for r in rows if r.get("tools")][:3]:
         trained = formatting.encode_example(row["messages"], base, template, tools=row["tools"])

@@ -242,7 +242,7 @@ def test_a_tuned_model_that_improves_passes_and_the_entry_is_complete(world, tmp
     assert result.stage == "evaluate" and not result.store_hit
     assert result.passed, result.gate_message
     base, tuned = result.stats["base"], result.stats["tuned"]
-    assert set(result.stats) == {"base", "tuned"}
+    assert set(result.stats) == {"base", "tuned", "champion", "comparison"} and result.stats["champion"] is None
     assert tuned["eval_loss"] < base["eval_loss"] and tuned["perplexity"] < base["perplexity"]
     assert base["eval_tokens"] == tuned["eval_tokens"] > 0 and base["num_generated"] == 3
     for name in ("exact_match", "token_f1", "rouge_l", "contains_reference"):
@@ -303,7 +303,7 @@ def test_lora_runs_are_evaluated_as_base_plus_adapter_and_gated_on_what_they_sco
 def test_disabled_evaluation_passes_without_computing(world, tmp_path):
     options = OPTIONS.model_copy(update={"enabled": False})
     result = evaluate_models(world.data, world.tokenized, world.model, world.bad, options, TEMPLATE, str(tmp_path / "cache"))
-    assert result.passed and "disabled" in result.gate_message and result.stats == {"base": {}, "tuned": {}}
+    assert result.passed and "disabled" in result.gate_message and result.stats == {"base": {}, "tuned": {}, "champion": None, "comparison": {}}
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from schemas.config import EvalOptions, SFTConfig, TemplateOptions
-from schemas.manifests import QualityGateError, ReleaseInputs
+from schemas.manifests import ReleaseInputs
 from tasks import export
 from tasks.core import formatting, hashing, storage
 from tasks.evaluate import evaluate_models
@@ -118,7 +118,7 @@ def test_lora_release_loads_generates_and_its_merged_model_equals_base_plus_adap
 
 
 def test_full_release_is_sharded_redacts_credentials_points_latest_and_is_reused(world, tmp_path):
-    config = make_config(world, str(tmp_path / "releases" / "v1"), method="full", max_shard_size="100KB", update_latest=True)
+    config = make_config(world, str(tmp_path / "out"), method="full", max_shard_size="100KB")
     config.data_options.storage_options = {"token": "data-s3cr3t"}
     config.output_storage_options = {"token": "output-s3cr3t"}
     config.cache_storage_options = {"token": "cache-s3cr3t"}
@@ -126,8 +126,9 @@ def test_full_release_is_sharded_redacts_credentials_points_latest_and_is_reused
     release = Path(result.uri)
     index = json.loads((release / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == result.stats["weight_shards"] > 1
-    assert not (release / "adapter").exists() and not result.stats["latest"] is None
-    assert (tmp_path / "releases" / "LATEST").read_text() == "v1\n"
+    assert not (release / "adapter").exists() and result.stats["decision"] == "promoted"
+    assert release.parent == tmp_path / "out" / "releases" and release.name == result.stats["release"]
+    assert (tmp_path / "out" / "LATEST").read_text() == (tmp_path / "out" / "production").read_text() == release.name + "\n"
     tuned = AutoModelForCausalLM.from_pretrained(str(world.good.uri) + "/model", use_safetensors=True)
     loaded = AutoModelForCausalLM.from_pretrained(str(release), use_safetensors=True)
     for (name, expected), actual in zip(tuned.state_dict().items(), loaded.state_dict().values()):
@@ -142,7 +143,8 @@ def test_full_release_is_sharded_redacts_credentials_points_latest_and_is_reused
     moved = config.model_copy(update={"cache_dir": str(tmp_path / "elsewhere"), "output_storage_options": {},
                                       "train": config.train.model_copy(update={"node_rank": 1, "rdzv_endpoint": "10.0.0.1:29400"})})
     again = run_export(world, moved)
-    assert again.store_hit and again.key == result.key
+    assert again.store_hit and again.key == result.key and again.stats["decision"] == "unchanged"
+    assert sorted(p.name for p in (tmp_path / "out" / "releases").iterdir()) == [release.name]
 
 
 def test_an_export_interrupted_midway_leaves_the_previous_release_intact(world, tmp_path, monkeypatch):
@@ -159,46 +161,55 @@ def test_an_export_interrupted_midway_leaves_the_previous_release_intact(world, 
     with pytest.raises(OSError, match="disk full"):
         run_export(world, config, trained=newer)
     after = {p.relative_to(release): p.read_bytes() for p in release.rglob("*") if p.is_file()}
-    assert after == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]  # no half-written sibling left behind
+    assert after == before  # the pointers still name the first release, which is untouched
+    assert len(list((release / "releases").iterdir())) == 1  # no half-written release left behind
 
 
 def test_export_to_memory_url_of_a_run_without_evaluation(world):
-    output = f"memory://releases/{uuid.uuid4().hex}/run"
-    config = make_config(world, output, update_latest=True)
+    root = f"memory://releases/{uuid.uuid4().hex}/run"
+    config = make_config(world, root)
     result = run_export(world, config, evaluation=world.disabled, task=export_task.fn)
+    output = result.uri
     fs, path = storage.filesystem(output)
-    assert storage.is_complete(output)
+    assert storage.is_complete(output) and output.startswith(root + "/releases/")
     for name in ("model.safetensors", "adapter/adapter_model.safetensors", "tokenizer.json", "README.md", "run_manifest.json",
                  "eval/gate.json", "eval/report.md"):
         assert fs.exists(f"{path}/{name}"), name
     assert "Quality gate **passed**: evaluation disabled" in storage.read_text(storage.join(output, "README.md"))
     gate = storage.read_json(storage.join(output, "run_manifest.json"))["release"]["gate"]
     assert gate == {"passed": True, "message": world.disabled.gate_message}
-    with fsspec.open(output.rsplit("/", 1)[0] + "/LATEST", "r") as handle:
-        assert handle.read() == "run\n"
+    with fsspec.open(root + "/production", "r") as handle:
+        assert handle.read() == result.stats["release"] + "\n"
     local = storage.local_copy(output)
     model = AutoModelForCausalLM.from_pretrained(str(local), use_safetensors=True)
     assert model.config.use_cache and result.stats["files"] > 10
 
 
-def test_an_evaluation_that_failed_the_gate_is_never_exported(world, tmp_path):
-    failed = world.evaluation.model_copy(update={"passed": False, "gate_message": "FAILED gate on eval_loss: base 1, tuned 2"})
-    with pytest.raises(QualityGateError, match="eval_loss"):
-        run_export(world, make_config(world, str(tmp_path / "release")), evaluation=failed)
-    assert not (tmp_path / "release").exists()
+def test_a_model_that_failed_the_gate_is_a_rejected_candidate_and_production_does_not_move(world, tmp_path):
+    root = tmp_path / "out"
+    promoted = run_export(world, make_config(world, str(root)))
+    failed = world.evaluation.model_copy(update={"key": "eval-2", "passed": False, "gate_message": "FAILED gate on eval_loss: champion 1, tuned 2"})
+    rejected = run_export(world, make_config(world, str(root)), evaluation=failed)
+    assert rejected.stats["decision"] == "rejected" and rejected.stats["production"] == promoted.stats["release"]
+    assert (root / "production").read_text() == (root / "LATEST").read_text() == promoted.stats["release"] + "\n"
+    manifest = json.loads((Path(rejected.uri) / "run_manifest.json").read_text())
+    assert manifest["release"]["gate"] == {"passed": False, "message": failed.gate_message}
+    assert "FAILED" in (Path(rejected.uri) / "README.md").read_text()
+    # Without keep_rejected nothing is written at all.
+    other = failed.model_copy(update={"key": "eval-3"})
+    skipped = run_export(world, make_config(world, str(root), keep_rejected=False), evaluation=other)
+    assert skipped.stats["release"] is None and len(list((root / "releases").iterdir())) == 2
 
 
 def test_the_output_and_the_cache_are_reached_with_their_own_storage_options(world, monkeypatch):
     output = f"memory://releases/{uuid.uuid4().hex}/run"
-    config = make_config(world, output, update_latest=True)
+    config = make_config(world, output)
     config.output_storage_options, config.cache_storage_options = {"token": "for-output"}, {"token": "for-cache"}
     config.data_options.storage_options = {"token": "for-data"}
     calls, real = [], storage.filesystem
     monkeypatch.setattr(storage, "filesystem", lambda url, options=None: calls.append((url, options)) or real(url, options))
     run_export(world, config)
-    parent = output.rsplit("/", 1)[0]
-    assert {str(options) for url, options in calls if url.startswith(parent)} == {str(config.output_storage_options)}
+    assert {str(options) for url, options in calls if url.startswith(output)} == {str(config.output_storage_options)}
     cache_urls = (str(world.tmp), world.model.uri)  # the stages' entries this test built by hand
     assert {str(options) for url, options in calls if url.startswith(cache_urls)} == {str(config.cache_storage_options)}
 
@@ -214,7 +225,7 @@ def test_the_release_key_covers_what_the_release_holds_and_nothing_about_placeme
         sections = {name: getattr(config, name).model_copy(update=values) for name, values in update.items()}
         return config.model_copy(update=sections)
 
-    same = [changed(train={"node_rank": 3}), changed(train={"rdzv_endpoint": "10.0.0.1:1"}), changed(export={"update_latest": True})]
+    same = [changed(train={"node_rank": 3}), changed(train={"rdzv_endpoint": "10.0.0.1:1"}), changed(export={"promote": "manual"}), changed(export={"keep_releases": 2})]
     assert {key(c) for c in same} == {key(config)}
     different = [changed(train={"seed": 7}), changed(template={"max_length": 64}), changed(export={"max_shard_size": "1GB"}),
                  changed(export={"merge_lora": False}), config.model_copy(update={"trust_remote_code": True})]
@@ -242,17 +253,20 @@ def test_a_plain_template_release_renders_prompts_exactly_as_training(tmp_path, 
 # --- what --output may replace ------------------------------------------------------------------
 
 
-def test_a_release_is_replaced_but_not_once_it_holds_a_file_it_did_not_write(world, tmp_path):
-    output = tmp_path / "release"
-    run_export(world, make_config(world, str(output), method="lora"))
-    replaced = run_export(world, make_config(world, str(output), method="full"))
-    assert not replaced.store_hit and not (output / "adapter").exists()
-    assert "adapter" not in json.loads((output / "run_manifest.json").read_text())["release"]["files"]
+def test_releases_are_versioned_but_a_root_that_holds_a_file_of_its_own_is_refused(world, tmp_path):
+    output = tmp_path / "out"
+    first = run_export(world, make_config(world, str(output), method="lora"))
+    second = run_export(world, make_config(world, str(output), method="full"))
+    assert first.stats["release"] != second.stats["release"] and (Path(first.uri) / "adapter").is_dir()
+    assert "adapter" not in json.loads((Path(second.uri) / "run_manifest.json").read_text())["release"]["files"]
 
-    (output / "notes.txt").write_text("my notes")
-    with pytest.raises(storage.RefusedTargetError, match="notes.txt"):
-        run_export(world, make_config(world, str(output), method="lora"))
-    assert (output / "notes.txt").read_text() == "my notes" and not (output / "adapter").exists()
+    for foreign in (output / "notes.txt", output / "releases" / "mine"):
+        foreign.write_text("my notes")
+        with pytest.raises(storage.RefusedTargetError, match=foreign.name):
+            run_export(world, make_config(world, str(output), method="lora", merge_lora=False))
+        assert foreign.read_text() == "my notes"
+        foreign.unlink()
+    assert len(list((output / "releases").iterdir())) == 2
 
 
 @pytest.mark.parametrize("kind", ["regular file", "folder with the data", "memory folder"])
@@ -291,10 +305,10 @@ def test_only_missing_empty_release_or_record_only_outputs_are_accepted(tmp_path
     (tmp_path / "records" / "attempts" / "my-notes").mkdir()
     with pytest.raises(storage.RefusedTargetError, match="attempts/my-notes"):
         export.check_output_target(str(tmp_path / "records"))
-    (tmp_path / "fake").mkdir()
-    (tmp_path / "fake" / "run_manifest.json").write_text('{"stages": {}}')  # not a release manifest
-    with pytest.raises(storage.RefusedTargetError, match="run_manifest.json"):
-        export.check_output_target(str(tmp_path / "fake"))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "run_manifest.json").write_text('{"release": {"key": "k"}}')  # the single-folder layout
+    with pytest.raises(storage.RefusedTargetError, match="single-folder layout"):
+        export.check_output_target(str(tmp_path / "old"))
 
 
 @pytest.mark.parametrize("cache", ["out/cache", "out", "."])

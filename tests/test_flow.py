@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flows.sft import main, sft
 from schemas.config import SFTConfig
+from tests.conftest import production
 from tests.server import ARTIFACT_KEYS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +57,8 @@ def test_full_run_exports_the_model_it_trained(first_run):
 
     config, manifest = first_run
     assert manifest["status"] == "completed"
-    release = AutoModelForCausalLM.from_pretrained(config.output, use_safetensors=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(config.output)
+    release = AutoModelForCausalLM.from_pretrained(production(config.output), use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(production(config.output))
     base = AutoModelForCausalLM.from_pretrained(config.model, use_safetensors=True)
     tuned = PeftModel.from_pretrained(base, str(Path(manifest["stages"]["train"]["uri"]) / "adapter")).eval()
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -71,7 +72,7 @@ def test_full_run_exports_the_model_it_trained(first_run):
 
 def test_run_manifest_records_every_stage(first_run):
     config, manifest = first_run
-    written = json.loads((Path(config.output) / "run_manifest.json").read_text())
+    written = json.loads((production(config.output) / "run_manifest.json").read_text())
     assert list(written["stages"]) == STAGES
     for stage in STAGES:
         entry = written["stages"][stage]
@@ -82,12 +83,12 @@ def test_run_manifest_records_every_stage(first_run):
 
 def test_second_run_with_nothing_changed_hits_every_cache(first_run):
     config, first = first_run
-    release_manifest = (Path(config.output) / "run_manifest.json").read_bytes()
+    release_manifest = (production(config.output) / "run_manifest.json").read_bytes()
     manifest = sft(config)
     cached = {stage: entry["cache"] for stage, entry in manifest["stages"].items()}
     assert cached == {stage: "hit" for stage in STAGES}
     # The release still describes the run that built it; this run is recorded beside it.
-    assert (Path(config.output) / "run_manifest.json").read_bytes() == release_manifest
+    assert (production(config.output) / "run_manifest.json").read_bytes() == release_manifest
     assert manifest["flow_run_id"] != first["flow_run_id"]
     assert "/attempts/" in manifest["manifest_uri"] and manifest["status"] == "completed"
     # The cached stages' bodies did not run; the flow published their reports for this run anyway.
@@ -257,7 +258,7 @@ def test_ctrl_c_stops_within_seconds_records_the_attempt_and_the_same_command_re
 
     again = run.start()
     assert again.wait(timeout=400) == 0, run.output()
-    manifest = json.loads((tmp_path / "release" / "run_manifest.json").read_text())
+    manifest = json.loads((production(tmp_path / "release") / "run_manifest.json").read_text())
     assert manifest["stages"]["train"]["stats"]["resumed_from_step"] >= 10
     assert wait_until_gone(run) == []
 

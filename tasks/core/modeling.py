@@ -131,15 +131,28 @@ def load_tuned(
 
 def merge_lora(base_folder: str | Path, adapter_folder: str | Path, trust_remote_code: bool = False):
     """Base + adapter merged into plain weights (merged in fp32, then cast back to the base's dtype)."""
+    base_folder = check_model_folder(base_folder)  # before AutoConfig, whose errors speak of hub repos
+    wrapped = attach_adapter(load_causal_lm(base_folder, trust_remote_code, torch.float32), adapter_folder)
+    return wrapped.merge_and_unload().to(saved_dtype(base_folder, trust_remote_code)).eval()
+
+
+def saved_dtype(folder: str | Path, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a model folder's config declares (float32 when it declares none)."""
     from transformers import AutoConfig
 
-    base_folder = check_model_folder(base_folder)  # before AutoConfig, whose errors speak of hub repos
-    config = AutoConfig.from_pretrained(str(base_folder), trust_remote_code=trust_remote_code)
-    saved_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(saved_dtype, str):
-        saved_dtype = getattr(torch, saved_dtype)
-    wrapped = attach_adapter(load_causal_lm(base_folder, trust_remote_code, torch.float32), adapter_folder)
-    return wrapped.merge_and_unload().to(saved_dtype).eval()
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def load_release(release_dir: str | Path, base_dir: str | Path, trust_remote_code: bool = False, dtype: Any = torch.float32,
+                 device: Any = "cpu"):
+    """The model a release serves: its merged weights, or the base with its adapter."""
+    release_dir = Path(release_dir)
+    if (release_dir / "config.json").is_file():
+        return load_causal_lm(release_dir, trust_remote_code, dtype, device)
+    base = load_causal_lm(base_dir, trust_remote_code, dtype, device)
+    return attach_adapter(base, release_dir / "adapter").eval()
 
 
 def unwrap(model):

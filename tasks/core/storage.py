@@ -95,6 +95,7 @@ def atomic_directory(url: str, storage_options: dict[str, Any] | None = None, re
         try:
             yield scratch
             (scratch / COMPLETE_MARKER).write_text("ok\n")
+            apply_umask(scratch)
             _swap_into_place(scratch, target, replace)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -105,6 +106,17 @@ def atomic_directory(url: str, storage_options: dict[str, Any] | None = None, re
         _publish_remote(fs, scratch, path, replace)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def apply_umask(root: Path) -> None:
+    """Give a published tree the permissions the user's umask gives new files, as save_pretrained
+    does: scratch folders (mkdtemp, 0700) and temporary files (0600) would otherwise keep a model
+    server running as another user (an Ollama or vLLM service account) out."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _scratch_prefix(target: Path, kind: str) -> str:
