@@ -1,6 +1,6 @@
 """Serve the deployments of `deployments/prefect.yaml` from this one process: no work pool, no worker.
 
-    python -m deployments.serve                 # both deployments, the nightly schedule included
+    python -m deployments.serve                 # every deployment, the nightly schedule included
     python -m deployments.serve --only manual   # just the UI-triggered one
 
 The deployments are read from prefect.yaml itself (names, descriptions, tags, cron schedules,
@@ -48,15 +48,22 @@ def _concurrency(spec: dict[str, Any]) -> Any:
     return ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit
 
 
-def build_deployments(specs: list[dict[str, Any]], only: list[str] | None = None) -> list[Any]:
-    """One `RunnerDeployment` of the `sft` flow per prefect.yaml entry (work pools do not apply here)."""
-    from flows.sft import sft
+def entrypoint_flow(entrypoint: str) -> Any:
+    """The flow object a prefect.yaml entrypoint (`flows/sft.py:sft`) names."""
+    import importlib
 
+    path, name = entrypoint.split(":")
+    return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+
+
+def build_deployments(specs: list[dict[str, Any]], only: list[str] | None = None) -> list[Any]:
+    """One `RunnerDeployment` per prefect.yaml entry, of the flow its entrypoint names (work pools
+    do not apply here)."""
     unknown = set(only or []) - {spec["name"] for spec in specs}
     if unknown:
         raise ValueError(f"no such deployment in {PREFECT_FILE.name}: {', '.join(sorted(unknown))}")
     return [
-        sft.to_deployment(
+        entrypoint_flow(spec["entrypoint"]).to_deployment(
             name=spec["name"],
             description=spec.get("description"),
             tags=spec.get("tags"),

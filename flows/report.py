@@ -49,6 +49,13 @@ def format_run_summary(manifest: dict[str, Any], wall_s: float, cache_storage_op
             [[name, entry["cache"], f"{entry['wall_s']:.2f}", entry["uri"]] for name, entry in stages.items()],  # seconds, not a metric
         ),
     ]
+    export = stages.get("export", {}).get("stats", {})
+    if export:
+        parts.append(
+            f"Release: {export.get('release') or 'none written'} ({export.get('decision')}); production: "
+            f"{export.get('production') or 'none'}; latest: {export.get('latest') or 'none'}"
+            + (f"; deleted by retention: {', '.join(export['pruned'])}" if export.get("pruned") else "")
+        )
     if manifest.get("status") == "dry-run":
         parts.append(format_dataset_stats(stages["validate-data"]["stats"], stages["tokenize-and-cache"]["stats"]))
     if "evaluate" in stages:

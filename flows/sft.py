@@ -29,6 +29,7 @@ from flows.report import format_dataset_stats, format_run_summary
 from flows.server import api_for_cli
 from schemas.config import SFTConfig
 from schemas.manifests import Champion, QualityGateError, ReleaseInputs, StageResult
+from tasks import reporting, tracking
 from tasks.core import storage
 from tasks.core.modeling import ModelSourceError
 from tasks.core.storage import RefusedTargetError
@@ -131,9 +132,32 @@ def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
     except BaseException as error:  # Ctrl-C and SIGTERM too: every attempt leaves its record
         _finish(ledger, _failure_status(error))
         raise
-    if exported.stats["decision"] == "rejected":
+    decision = exported.stats["decision"]
+    track_run(config, ledger, trained, evaluation, exported)
+    if decision == "rejected":
         return rejected(ledger, exported, evaluation)
     return _finish(ledger, "completed", exported=True)
+
+
+def track_run(config: SFTConfig, ledger: RunLedger, trained: StageResult, evaluation: StageResult, exported: StageResult) -> None:
+    """Log the run to MLflow when tracking is configured (tasks/tracking.py): the resolved config,
+    the training curve, base/champion/challenger metrics, the plots and card, and the release
+    (registered; the 'champion' alias when it was promoted). Never fails the run."""
+    decision = exported.stats["decision"]
+    tracker = tracking.start_run(config.tracking, run_name=f"sft-{ledger.started.strftime('%Y%m%dT%H%M%SZ')}",
+                                 params=ledger.resolved, tags={"decision": decision, "flow_run_id": str(flow_run.id or "")})
+    if tracker is None:
+        return
+    tracker.log_training(reporting.read_loss_curve(trained, config.cache_storage_options))
+    stats = evaluation.stats
+    tracker.log_evaluation({"base": stats.get("base") or {}, "champion": stats.get("champion") or {}, "challenger": stats.get("tuned") or {}})
+    release = exported.stats["release"]
+    if release and storage.is_local(exported.uri, config.output_storage_options):
+        folder = Path(storage.filesystem(exported.uri, config.output_storage_options)[1])
+        tracker.log_files([folder / "README.md", folder / "training" / "loss_curve.png", folder / "eval" / "metrics.json"])
+        if decision != "rejected":
+            tracker.register_release(exported.uri, promoted=decision in ("promoted", "unchanged"), release=release)
+    tracker.end("rejected" if decision == "rejected" else "completed")
 
 
 def champion_for(store: ReleaseStore, trained_key: str) -> Champion | None:
@@ -214,6 +238,8 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 # Failures the user can fix, and whose message says how: printed without a type name.
 USER_ERRORS = (DataValidationError, QualityGateError, RefusedTargetError, ModelSourceError, TrainingDivergedError)
 RESUME_HINT = "run the same command again to resume from the last checkpoint"
+# A run whose model lost to the champion: not a crash (1), not a success (0).
+EXIT_REJECTED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(format_run_summary(manifest, time.perf_counter() - started, config.cache_storage_options))
+    if manifest.get("status") == "rejected":
+        print("\nrejected: the new model did not beat the one in production, which is unchanged", file=sys.stderr)
+        return EXIT_REJECTED
     return 0
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from schemas.config import EMBEDDED_MODEL, TemplateOptions, TrainOptions
 from schemas.manifests import EvalArtifact, ReleaseInputs
-from tasks.reporting import code, metric_table, number
+from tasks.reporting import code, comparison_table, metric_table, number
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -88,6 +88,9 @@ def _settings(train: TrainOptions, template: TemplateOptions) -> dict[str, Any]:
 
 def _evaluation(evaluation: EvalArtifact) -> str:
     lines = ["## Evaluation", "", f"Quality gate **{'passed' if evaluation.passed else 'FAILED'}**: {evaluation.gate_message}"]
+    comparison = comparison_table(evaluation.stats.get("comparison") or {})
+    if comparison:  # the release in production it had to beat (or the base model)
+        lines += ["", "Champion vs challenger (this model):", "", *comparison]
     table = metric_table(evaluation.stats.get("base", {}), evaluation.stats.get("tuned", {}))
     if table:  # nothing was measured when evaluation was disabled; the gate message says so
         lines += ["", *table, "", "Loss and perplexity are over the response tokens of the held-out rows (lower is better); "

@@ -267,7 +267,8 @@ def ui_run(prefect_server: PrefectServer, deployments, worker, tiny_model_dir, t
     finally:
         prefect_server.api("POST", "/v2/concurrency_limits/decrement", json=slot).raise_for_status()
     flow_run = prefect_server.wait_for_run(flow_run_id, logs=worker)
-    manifest_file = root / "release" / "run_manifest.json"
+    production = root / "release" / "production"
+    manifest_file = root / "release" / "releases" / production.read_text().strip() / "run_manifest.json" if production.exists() else root / "none"
     return {
         "flow_run": flow_run,
         "config": config,

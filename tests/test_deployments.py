@@ -33,13 +33,18 @@ def _schema_descriptions(schema: dict) -> set[str]:
 
 def test_prefect_yaml_has_a_scheduled_and_a_manual_deployment_with_valid_parameters():
     specs = {spec["name"]: spec for spec in load_deployment_specs()}
-    assert set(specs) == {"scheduled-retraining", "manual"}
+    assert set(specs) == {"scheduled-retraining", "manual", "promote-release", "rollback-release"}
     scheduled = specs["scheduled-retraining"]
     assert [s["cron"] for s in scheduled["schedules"]] == ["0 3 * * *"]
     config = SFTConfig.model_validate(scheduled["parameters"]["config"])
     assert config.data[0].startswith("file://") and config.output.startswith("file://")
+    assert config.export.promote == "auto" and config.export.keep_releases == 7
     assert not specs["manual"]["schedules"]
-    assert all(spec["work_pool"]["name"] == WORK_POOL and spec["entrypoint"] == "flows/sft.py:sft" for spec in specs.values())
+    assert all(spec["work_pool"]["name"] == WORK_POOL for spec in specs.values())
+    assert {spec["entrypoint"] for spec in specs.values()} == {
+        "flows/sft.py:sft", "flows/releases.py:promote_release", "flows/releases.py:rollback_release"}
+    # The release operations run against the nightly deployment's release root.
+    assert specs["promote-release"]["parameters"]["output"] == specs["rollback-release"]["parameters"]["output"] == config.output
 
 
 def test_serve_builds_the_deployments_of_prefect_yaml():

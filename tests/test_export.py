@@ -316,3 +316,73 @@ def test_a_cache_inside_the_output_or_around_it_is_refused(tmp_path, cache):
     with pytest.raises(storage.RefusedTargetError, match="overlap"):
         export.check_output_target(str(tmp_path / "out"), cache_dir=str(tmp_path / cache))
     export.check_output_target(str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+
+
+# --- what a release looks like on disk, and a crash while it is promoted -------------------------
+
+
+def test_release_files_get_the_umask_permissions_a_model_server_can_read(world, tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        result = run_export(world, make_config(world, str(tmp_path / "out")))
+    finally:
+        os.umask(previous)
+    release = Path(result.uri)
+    modes = {path.relative_to(release): stat.S_IMODE(path.stat().st_mode) for path in [release, *release.rglob("*")]}
+    assert modes[Path(".")] == 0o755 and modes[Path("eval")] == 0o755 and modes[Path("model.safetensors")] == 0o644
+    assert set(modes.values()) == {0o755, 0o644}
+
+
+def test_release_weights_in_the_chosen_dtype_round_trip(world, tmp_path):
+    config = make_config(world, str(tmp_path / "out"), method="full", dtype="bfloat16")
+    result = run_export(world, config)
+    released = AutoModelForCausalLM.from_pretrained(result.uri, use_safetensors=True, dtype="auto").eval()
+    assert released.dtype == torch.bfloat16 and json.loads((Path(result.uri) / "config.json").read_text())["dtype"] == "bfloat16"
+    trained = AutoModelForCausalLM.from_pretrained(str(world.good.uri) + "/model", use_safetensors=True, dtype=torch.bfloat16).eval()
+    inputs = {"input_ids": torch.tensor([[1, 5, 9, 14, 20]])}
+    with torch.no_grad():
+        torch.testing.assert_close(released(**inputs).logits, trained(**inputs).logits, atol=0, rtol=0)
+    # 'auto' keeps the base model's dtype (this tiny base is float32).
+    auto = run_export(world, make_config(world, str(tmp_path / "auto"), method="full"))
+    assert json.loads((Path(auto.uri) / "config.json").read_text())["dtype"] == "float32"
+
+
+CRASH_SCRIPT = """
+import json, os, signal, sys
+from schemas.config import SFTConfig
+from schemas.manifests import ReleaseInputs
+from tasks import export
+from tasks.releases import ReleaseStore
+
+spec = json.loads(open(sys.argv[1]).read())
+config, inputs = SFTConfig.model_validate(spec["config"]), ReleaseInputs.model_validate(spec["inputs"])
+def die(self, name, reason=""):
+    os.kill(os.getpid(), signal.SIGKILL)  # the release is complete; production was about to move
+ReleaseStore.promote = die
+export.export_release(inputs, config.output_target, config.export, config.train, config.template,
+                      {"status": "completed", "config": config.redacted_dump(), "stages": {}}, False, {})
+"""
+
+
+def test_a_crash_between_the_release_and_the_pointer_leaves_production_on_a_complete_release(world, tmp_path):
+    import subprocess
+    import sys
+
+    from tasks.releases import ReleaseStore
+    from tests.test_flow import REPO_ROOT
+
+    root = tmp_path / "out"
+    first = run_export(world, make_config(world, str(root)))
+    config = make_config(world, str(root), method="full")
+    spec = {"config": config.model_dump(mode="json"), "inputs": release_inputs(world, config).model_dump(mode="json")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    killed = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path / "spec.json")], cwd=REPO_ROOT, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    store = ReleaseStore(str(root))
+    assert store.production() == first.stats["release"] and len(store.names()) == 2
+    assert storage.is_complete(store.release_url(store.production()))
+    again = run_export(world, config)  # the same inputs: the written release is found and promoted
+    assert again.store_hit and again.stats["decision"] == "promoted" and store.production() == again.stats["release"]
