@@ -19,7 +19,6 @@ import platform
 import re
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata

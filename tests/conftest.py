@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 import fsspec
+import httpx
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
@@ -248,3 +252,40 @@ def production(output: str | Path) -> Path:
     root = Path(output)
     return root / "releases" / (root / "production").read_text().strip()
 
+
+# --- a real MLflow tracking server (tests/test_tracking.py, tests/test_releases.py) ---------------
+
+HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
+MLFLOW_STARTUP_TIMEOUT_S = 120  # ~6 s on an idle machine; a loaded CI box needs the slack
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    from tests.server import Background, free_port, wait_for
+
+    """`mlflow server` with its own SQLite database; the clients upload artifacts over HTTP, as
+    they would to a server on another machine. Stopped with its workers at the end."""
+    if not HAS_MLFLOW:
+        pytest.skip("mlflow is not installed (pip install -e '.[test]')")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    executable = Path(sys.executable).with_name("mlflow")
+    argv = [str(executable), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    server = Background(argv, env, root / "server.log", cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _healthy(server, url), MLFLOW_STARTUP_TIMEOUT_S, f"mlflow server on {url}", on_timeout=server.tail)
+        yield url
+    finally:
+        server.stop(grace=10)
+
+
+def _healthy(server, url: str) -> bool:
+    if not server.alive():
+        pytest.fail(f"mlflow server exited with {server.process.returncode}\n{server.tail()}")
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

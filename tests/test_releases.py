@@ -26,29 +26,30 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-def run(model_dir: Path, tmp: Path, rows: list[dict], steps: int, learning_rate: float, max_regression: float | None):
+def run(model_dir: Path, tmp: Path, rows: list[dict], steps: int, learning_rate: float, max_regression: float | None, mlflow: str):
     data = tmp / f"data-{steps}-{learning_rate}.json"
     data.write_text(json.dumps(rows * 4))
     config = tiny_config(
         model_dir, data, tmp, eval_data=[str(tmp / "held_out.json")],
         train={"max_steps": steps, "micro_batch_size": 4, "learning_rate": learning_rate, "checkpoint_every": 50},
         eval={"num_generate": 2, "max_new_tokens": 4, "gate": {"max_regression": max_regression}},
+        tracking={"mlflow_uri": mlflow, "experiment": "nightly", "registered_model": "nightly"},
     )
     return config, sft(config, return_state=True)
 
 
 @pytest.fixture(scope="module")
-def three_runs(prefect_harness, tiny_model_dir, tmp_path_factory):
+def three_runs(prefect_harness, mlflow_server, tiny_model_dir, tmp_path_factory):
     """(1) the first release; (2) a better model (longer training); (3) a worse one: a tiny learning
     rate on scrambled answers. Held-out rows are training rows, so more training means lower loss."""
     tmp = tmp_path_factory.mktemp("releases")
     (tmp / "held_out.json").write_text(json.dumps(ALPACA_ROWS[:3]))
-    first = run(tiny_model_dir, tmp, ALPACA_ROWS, steps=3, learning_rate=1e-3, max_regression=None)
-    second = run(tiny_model_dir, tmp, ALPACA_ROWS, steps=24, learning_rate=3e-3, max_regression=0.0)
+    first = run(tiny_model_dir, tmp, ALPACA_ROWS, steps=3, learning_rate=1e-3, max_regression=None, mlflow=mlflow_server)
+    second = run(tiny_model_dir, tmp, ALPACA_ROWS, steps=24, learning_rate=3e-3, max_regression=0.0, mlflow=mlflow_server)
     root = Path(first[0].output)
     store = ReleaseStore(str(root))
     production_before = snapshot(Path(store.release_url(store.production())))
-    third = run(tiny_model_dir, tmp, SCRAMBLED, steps=2, learning_rate=1e-6, max_regression=0.0)
+    third = run(tiny_model_dir, tmp, SCRAMBLED, steps=2, learning_rate=1e-6, max_regression=0.0, mlflow=mlflow_server)
     return root, [first, second, third], production_before
 
 
@@ -103,6 +104,27 @@ def test_the_rejection_is_in_the_prefect_artifacts_with_the_numbers(three_runs):
     mine = {artifact.key: artifact for artifact in found if artifact.flow_run_id == flow_run.id}
     assert "Rejected: not promoted" in mine["sft-decision"].data and "eval_loss" in mine["sft-decision"].data
     assert "champion" in json.dumps(mine["sft-champion-vs-challenger"].data)
+
+
+def test_each_run_is_tracked_in_mlflow_and_the_champion_alias_follows_production(three_runs, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    root, runs, _ = three_runs
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("nightly")
+    tracked = sorted(client.search_runs([experiment.experiment_id]), key=lambda r: r.info.start_time)
+    assert len(tracked) == 3 and [r.data.tags["decision"] for r in tracked] == ["promoted", "promoted", "rejected"]
+    assert [r.info.status for r in tracked] == ["FINISHED"] * 3
+    second = tracked[1]
+    assert second.data.params["train.max_steps"] == "24" and second.data.params["eval.gate.max_regression"] == "0.0"
+    history = client.get_metric_history(second.info.run_id, "train_loss")
+    assert [point.step for point in history] == list(range(1, 25))
+    assert {"challenger.eval_loss", "champion.eval_loss", "base.eval_loss"} <= set(second.data.metrics)
+    assert "README.md" in {a.path for a in client.list_artifacts(second.info.run_id)}
+    versions = client.search_model_versions("name = 'nightly'")
+    assert len(versions) == 2  # the rejected candidate is not registered
+    champion = client.get_model_version_by_alias("nightly", "champion")
+    assert champion.tags["release"] == ReleaseStore(str(root)).production() == release_of(runs[1][1])["release"]
 
 
 def test_rollback_and_promote_by_command_and_by_prefect_flow(three_runs, capsys):

@@ -4,26 +4,20 @@ through MLflow's own client. No mocks: a server that is down is a port where not
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
-import os
-import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
-import httpx
 import pytest
 
 from schemas.config import SFTConfig, TrackingOptions
 from tasks import reporting, tracking
-from tests.server import Background, free_port, wait_for
+from tests.conftest import HAS_MLFLOW
+from tests.server import free_port
 
-HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
 needs_mlflow = pytest.mark.skipif(not HAS_MLFLOW, reason="mlflow is not installed (pip install -e '.[test]')")
-STARTUP_TIMEOUT_S = 120  # ~6 s on an idle machine; a loaded CI box needs the slack
 
 
 def training_curve(steps: int = 12, resumed_at: int = 0) -> list[dict]:
@@ -48,36 +42,6 @@ def release_folder(root: Path, name: str) -> Path:
     with (folder / "model.safetensors").open("wb") as weights:  # sparse: larger than SMALL_FILE_BYTES, no disk
         weights.truncate(tracking.SMALL_FILE_BYTES + 1)
     return folder
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory) -> Iterator[str]:
-    """`mlflow server` with its own SQLite database; the clients upload artifacts over HTTP, as
-    they would to a server on another machine. Stopped with its workers at the end."""
-    if not HAS_MLFLOW:
-        pytest.skip("mlflow is not installed (pip install -e '.[test]')")
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    executable = Path(sys.executable).with_name("mlflow")
-    argv = [str(executable), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    server = Background(argv, env, root / "server.log", cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _healthy(server, url), STARTUP_TIMEOUT_S, f"mlflow server on {url}", on_timeout=server.tail)
-        yield url
-    finally:
-        server.stop(grace=10)
-
-
-def _healthy(server: Background, url: str) -> bool:
-    if not server.alive():
-        pytest.fail(f"mlflow server exited with {server.process.returncode}\n{server.tail()}")
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(autouse=True)
