@@ -5,8 +5,8 @@
     python -m flows.releases rollback --output outputs/sft-run
     python -m flows.releases path --output outputs/sft-run     # the production release's folder
 
-The same operations are Prefect flows (`promote-release`, `rollback-release`), deployed next to
-the training deployments so a person can trigger them from the UI. Moving `production` also moves
+The same operations are Prefect flows (`list-releases`, `promote-release`, `rollback-release`),
+deployed next to the training deployments so a person can trigger them from the UI. Moving `production` also moves
 the MLflow `champion` alias when tracking is configured."""
 
 from __future__ import annotations
@@ -41,6 +41,17 @@ def rollback_release(output: str, reason: str = "rolled back from the Prefect UI
     tracking.set_champion(tracking_options, entry["production"])
     print(f"production -> {entry['production']} (rolled back from {entry['previous']})")
     return entry
+
+
+@flow(name="list-releases", log_prints=True)
+def list_releases(output: str, output_storage_options: dict[str, Any] | None = None) -> list[dict]:
+    """The releases under `output`, newest first, as a table artifact (and printed)."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = ReleaseStore(output, output_storage_options).table()
+    print(format_table(rows))
+    create_table_artifact(table=rows or [{"release": "none"}], key="sft-releases", description=f"Releases under {output}")
+    return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

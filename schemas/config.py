@@ -16,6 +16,7 @@ from schemas.manifests import OutputTarget
 from tasks.core.train_settings import (
     Attention,
     Device,
+    ExportCheckpoint,
     LoraSettings,
     Method,
     Precision,
@@ -144,6 +145,19 @@ class TrainOptions(_Section):
     rdzv_endpoint: str = Field(_TRAIN.rdzv_endpoint, description="torchrun rendezvous host:port for multi-node runs.")
     strategy: Strategy = Field(
         _TRAIN.strategy, description="Data parallelism: DDP, or FSDP for models that do not fit one device."
+    )
+    eval_every: int = Field(
+        _TRAIN.eval_every, ge=0,
+        description="Held-out response loss every N optimizer steps and at the end (0: off); drawn with the training loss.",
+    )
+    early_stopping_patience: int = Field(
+        _TRAIN.early_stopping_patience, ge=0,
+        description="Stop after this many evaluations without an improvement of at least min_delta (0: never stop early).",
+    )
+    min_delta: float = Field(_TRAIN.min_delta, ge=0.0, description="Smallest drop of the held-out loss that counts as an improvement.")
+    export_checkpoint: ExportCheckpoint = Field(
+        _TRAIN.export_checkpoint,
+        description="Weights the stage publishes: 'best' held-out loss, or 'last' step; 'auto': best when eval_every is on.",
     )
 
     def settings(self) -> TrainSettings:

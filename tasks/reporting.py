@@ -131,7 +131,8 @@ def read_loss_curve(trained: TrainArtifact, storage_options: dict[str, Any] | No
 
 
 def plot_loss_curve(records: Sequence[dict], path: str | Path, base_loss: float | None = None, tuned_loss: float | None = None) -> None:
-    """Training loss (and learning rate) per step, with the base and tuned eval losses as lines."""
+    """Training loss (and learning rate) per step, the held-out loss measured during training, and
+    the base and tuned eval losses as lines."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -142,6 +143,9 @@ def plot_loss_curve(records: Sequence[dict], path: str | Path, base_loss: float 
     points = [(r["step"], r["loss"]) for r in records if finite(r.get("loss"))]
     if points:
         axes.plot(*zip(*points), label="train loss", color="tab:blue")
+    held_out = [(r["step"], r["eval_loss"]) for r in records if finite(r.get("eval_loss"))]
+    if held_out:  # evaluation during training (train.eval_every)
+        axes.plot(*zip(*held_out), label="held-out loss", color="tab:red", marker="o", markersize=3)
     for value, label, color in ((base_loss, "base eval loss", "tab:gray"), (tuned_loss, "tuned eval loss", "tab:green")):
         if finite(value):
             axes.axhline(value, linestyle="--", color=color, label=label)

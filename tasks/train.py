@@ -132,12 +132,21 @@ class PrefectProgress:
         if event.get("event") != "step":
             return
         step, total = event["step"], event["total_steps"]
+        if "eval_loss" in event:
+            self.log.info("step %d/%d held-out loss %.4f", step, total, event["eval_loss"])
+            self.eval_line = f"held-out loss {event['eval_loss']:.4f} at step {step}"
         if step % self.log_every == 0 or step == total:
             self.log.info(
                 "step %d/%d loss %.4f lr %.2e %.0f tokens/s, ETA %.0f s",
                 step, total, event["loss"], event["lr"], event["tokens_per_s"], event["eta_s"],
             )
-        self._update_artifact(100.0 * step / total, step == total)
+        stopped = bool(event.get("stopped"))  # early stopping: training is over before `total`
+        if stopped:
+            self.eval_line = f"{getattr(self, 'eval_line', '')}; stopped early at step {step}".lstrip("; ")
+        self._update_artifact(100.0 if stopped else 100.0 * step / total, step == total or stopped)
+
+    def _eval_note(self) -> str:
+        return f" (last {self.eval_line})" if getattr(self, "eval_line", None) else ""
 
     def _update_artifact(self, percent: float, final: bool) -> None:
         if not self.in_run or (not final and time.monotonic() - self.last_update < self.min_interval_s):
@@ -146,9 +155,9 @@ class PrefectProgress:
 
         try:
             if self.artifact_id is None:
-                self.artifact_id = create_progress_artifact(percent, description="Training progress")
+                self.artifact_id = create_progress_artifact(percent, description=f"Training progress{self._eval_note()}")
             else:
-                update_progress_artifact(self.artifact_id, percent)
+                update_progress_artifact(self.artifact_id, percent, description=f"Training progress{self._eval_note()}")
         except Exception as error:  # progress is cosmetic; never fail training over it
             logger.debug("progress artifact update failed: %s", error)
         self.last_update = time.monotonic()

@@ -160,11 +160,11 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def kill_after_first_checkpoint(tokenized, base, opts, cache: Path, progress_delay_s: float = 0.0):
+def kill_after_first_checkpoint(tokenized, base, opts, cache: Path, progress_delay_s: float = 0.0, step: int = 2):
     """Train in a child process that runs the training core alone (Prefect and pydantic cannot be
     imported there, as on a bare GPU box); SIGKILL it, not its group, once the checkpoint of step
     2 is complete. Returns the process, its descendants at the moment of the kill and the URL of
-    the entry it was building."""
+    the entry it was building. `step` names the checkpoint to wait for."""
     import signal
     import subprocess
     import sys
@@ -175,7 +175,7 @@ def kill_after_first_checkpoint(tokenized, base, opts, cache: Path, progress_del
     from tasks.train import checkpoint_url, train_entry, train_spec
 
     key, url = train_entry(tokenized, base, opts, str(cache))
-    marker = Path(checkpoint_url(str(cache), key)) / "step-00000002" / storage.COMPLETE_MARKER
+    marker = Path(checkpoint_url(str(cache), key)) / f"step-{step:08d}" / storage.COMPLETE_MARKER
     spec_file = cache.with_name(cache.name + ".spec.json")
     spec_file.write_text(json.dumps(asdict(train_spec(tokenized, base, opts, str(cache)))))
     script = (

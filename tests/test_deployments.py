@@ -33,7 +33,7 @@ def _schema_descriptions(schema: dict) -> set[str]:
 
 def test_prefect_yaml_has_a_scheduled_and_a_manual_deployment_with_valid_parameters():
     specs = {spec["name"]: spec for spec in load_deployment_specs()}
-    assert set(specs) == {"scheduled-retraining", "manual", "promote-release", "rollback-release"}
+    assert set(specs) == {"scheduled-retraining", "manual", "list-releases", "promote-release", "rollback-release"}
     scheduled = specs["scheduled-retraining"]
     assert [s["cron"] for s in scheduled["schedules"]] == ["0 3 * * *"]
     config = SFTConfig.model_validate(scheduled["parameters"]["config"])
@@ -42,7 +42,7 @@ def test_prefect_yaml_has_a_scheduled_and_a_manual_deployment_with_valid_paramet
     assert not specs["manual"]["schedules"]
     assert all(spec["work_pool"]["name"] == WORK_POOL for spec in specs.values())
     assert {spec["entrypoint"] for spec in specs.values()} == {
-        "flows/sft.py:sft", "flows/releases.py:promote_release", "flows/releases.py:rollback_release"}
+        "flows/sft.py:sft", "flows/releases.py:list_releases", "flows/releases.py:promote_release", "flows/releases.py:rollback_release"}
     # The release operations run against the nightly deployment's release root.
     assert specs["promote-release"]["parameters"]["output"] == specs["rollback-release"]["parameters"]["output"] == config.output
 

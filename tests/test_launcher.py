@@ -118,11 +118,16 @@ def test_torchrun_two_nodes_on_localhost_match_one_process(tiny_base, tiny_token
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_torchrun_fsdp_two_processes_match_one(method, tiny_base, tiny_tokenized, tmp_path):
-    """FSDP2 shards every decoder layer across the two gloo ranks; the result is the same step."""
-    reference = train_model(tiny_tokenized, tiny_base, options(method=method, micro_batch_size=2, grad_accum=2, max_steps=2), str(tmp_path / "ref"))
-    sharded = train_model(tiny_tokenized, tiny_base, options(method=method, micro_batch_size=2, devices=2, strategy="fsdp", max_steps=2), str(tmp_path))
+    """FSDP2 shards every decoder layer across the two gloo ranks; the result is the same step, and
+    the held-out loss measured during training (each rank scores its share; the sums are reduced)
+    is the one process's."""
+    common = dict(method=method, micro_batch_size=2, max_steps=2, eval_every=1)
+    reference = train_model(tiny_tokenized, tiny_base, options(grad_accum=2, **common), str(tmp_path / "ref"))
+    sharded = train_model(tiny_tokenized, tiny_base, options(devices=2, strategy="fsdp", **common), str(tmp_path))
     assert sharded.stats["world_size"] == 2 and sharded.stats["strategy"] == "fsdp"
     assert_same_weights(sharded, reference)
+    held_out = [[r["eval_loss"] for r in storage.read_json(result.loss_curve_uri)] for result in (sharded, reference)]
+    assert held_out[0] == pytest.approx(held_out[1], rel=1e-5) and len(held_out[0]) == 2
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

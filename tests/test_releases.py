@@ -141,6 +141,7 @@ def test_rollback_and_promote_by_command_and_by_prefect_flow(three_runs, capsys)
     assert release_cli.main(["path", "--output", str(root)]) == 0
     assert capsys.readouterr().out.strip().endswith(f"releases/{two}")
 
+    assert [row["release"] for row in release_cli.list_releases(str(root))] == [three, two, one]
     state = release_cli.rollback_release(str(root), return_state=True)
     assert state.is_completed() and store.production() == one
     state = release_cli.promote_release(str(root), two, return_state=True)

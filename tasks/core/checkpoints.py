@@ -32,6 +32,7 @@ class Checkpoints:
 
     def __init__(self, url: str, keep: int, storage_options: dict[str, Any] | None = None):
         self.url, self.keep, self.storage_options = url, keep, storage_options or {}
+        self.protected: set[int] = set()  # kept whatever `keep` says (the best checkpoint)
 
     def complete_steps(self) -> list[int]:
         fs, path = storage.filesystem(self.url, self.storage_options)
@@ -47,7 +48,7 @@ class Checkpoints:
     def prune(self) -> None:
         """Keep the newest `keep` complete checkpoints; drop older ones and abandoned temp folders."""
         fs, path = storage.filesystem(self.url, self.storage_options)
-        for step in self.complete_steps()[: -self.keep]:
+        for step in [step for step in self.complete_steps()[: -self.keep] if step not in self.protected]:
             fs.rm(storage.filesystem(self.folder(step), self.storage_options)[1], recursive=True)
         if storage.is_local(self.url, self.storage_options) and Path(path).is_dir():
             storage.remove_stale_scratch(Path(path), name="*")  # scratch of writers that were killed
@@ -69,6 +70,10 @@ class TrainState:
     loss_tokens: int = 0
     train_s: float = 0.0
     resumed_from_step: int = 0
+    best_eval_loss: float | None = None  # evaluation during training: the best held-out loss so far,
+    best_step: int = 0  # its step (a checkpoint is kept there),
+    bad_evals: int = 0  # evaluations since it without an improvement of min_delta,
+    stopped: dict | None = None  # and why training stopped early ({"step", "reason"})
 
 
 def _rng_state(rt: Runtime) -> dict:
@@ -129,6 +134,16 @@ def save_checkpoint(ckpts: Checkpoints, state: TrainState, model, optimizer, sch
         torch.save(extra, scratch / "state.pt")
         (scratch / "progress.json").write_text(json.dumps({**asdict(state), "world_size": rt.world}))
     ckpts.prune()
+
+
+def load_weights(ckpts: Checkpoints, step: int, model) -> None:
+    """Put the trainable weights of the checkpoint at `step` into `model` (every rank: the export
+    of the best checkpoint)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    folder = storage.local_copy(ckpts.folder(step), ckpts.storage_options)
+    set_model_state_dict(model, load_file(str(folder / TRAINABLE_FILE)), options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def load_checkpoint(ckpts: Checkpoints, model, optimizer, scheduler, scaler, rt: Runtime) -> TrainState:

@@ -19,6 +19,7 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Attention = Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"]
 Switch = Literal["auto", "on", "off"]
 Strategy = Literal["ddp", "fsdp"]
+ExportCheckpoint = Literal["auto", "best", "last"]
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEAK_LR = {"lora": 1e-3, "full": 2e-5}  # the peak learning rate when none is given
@@ -59,6 +60,15 @@ class TrainSettings:
     node_rank: int = 0
     rdzv_endpoint: str = "127.0.0.1:29500"
     strategy: Strategy = "ddp"
+    eval_every: int = 0
+    early_stopping_patience: int = 0
+    min_delta: float = 0.0
+    export_checkpoint: ExportCheckpoint = "auto"
+
+    @property
+    def exports_best(self) -> bool:
+        """Whether the weights published are the best held-out checkpoint ('auto': when evaluating)."""
+        return self.eval_every > 0 and self.export_checkpoint in ("auto", "best")
 
     @property
     def peak_learning_rate(self) -> float:

@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tasks.core import storage
-from tasks.core.checkpoints import Checkpoints, TrainState, load_checkpoint, save_checkpoint, unique_tensors
+from tasks.core.checkpoints import Checkpoints, TrainState, load_checkpoint, load_weights, save_checkpoint, unique_tensors
 from tasks.core.collate import IGNORE_INDEX, pack_examples, pack_rows, packed_shape, pad_examples
 from tasks.core.modeling import pick_device, unwrap
 from tasks.core.train_settings import TrainSettings
@@ -133,6 +133,15 @@ class TokenRows:
 def _segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     totals = torch.cat([torch.zeros(1, dtype=values.dtype), values.cumsum(0)])
     return totals[offsets[1:]] - totals[offsets[:-1]]
+
+
+def load_eval_rows(data_dir: str | Path) -> TokenRows | None:
+    """The eval split, or None when the store has none (evaluation during training is then off)."""
+    try:
+        return load_rows(data_dir, "eval")
+    except (FileNotFoundError, ValueError):
+        logger.warning("eval_every is set but the tokenized store has no eval rows: no evaluation during training")
+        return None
 
 
 def load_rows(data_dir: str | Path, split: str = "train") -> TokenRows:
@@ -475,6 +484,37 @@ class Session:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
         torch.manual_seed(o.seed + rt.rank)  # dropout differs per rank; a checkpoint restores it
+        self.eval_rows = load_eval_rows(spec.data_dir) if o.eval_every else None
+
+    def evaluates(self, step: int) -> bool:
+        """Held-out loss after this step: every eval_every steps and at the last one."""
+        every = self.spec.settings.eval_every
+        return bool(every and self.eval_rows is not None and (step % every == 0 or step == self.plan.total_steps))
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        """Token-weighted response loss on the eval split, packed as in training (positions restart
+        per example: no attention across examples). Each rank takes every world-th example; every
+        rank runs the same number of forward passes (FSDP needs all of them) and the sums are reduced."""
+        rows, rt, o = self.eval_rows, self.rt, self.spec.settings
+        mine = list(range(rt.rank, len(rows), rt.world))
+        passes = -(-(-(-len(rows) // rt.world)) // o.micro_batch_size)
+        row_tokens = max(self.row_tokens, int(rows.lengths.max())) if self.row_tokens else None
+        totals = torch.zeros(2, device=rt.device, dtype=torch.float64)
+        self.model.eval()
+        try:
+            for index in range(passes):
+                chunk = mine[index * o.micro_batch_size : (index + 1) * o.micro_batch_size]
+                inputs, targets = make_batch(rows, chunk or [0], o.packing, self.pad_token_id, rt.device, row_tokens)
+                with rt.autocast():
+                    loss = loss_sum(self.model, inputs, targets)
+                if chunk:  # a rank with nothing left still runs the pass, and adds nothing
+                    totals += torch.stack([loss.double(), torch.tensor(float(targets.numel()), device=rt.device, dtype=torch.float64)])
+        finally:
+            self.model.train()
+        if rt.world > 1:
+            dist.all_reduce(totals)
+        return float(totals[0] / totals[1].clamp(min=1))
 
     def _sync(self, last: bool):
         """Reduce gradients only on the last micro-batch of a step."""
@@ -542,7 +582,12 @@ class ProgressBar:
 
     def update(self, event: dict) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{event['loss']:.4f}", tok_s=f"{event['tokens_per_s']:.0f}", refresh=False)
+            shown = {"loss": f"{event['loss']:.4f}", "tok_s": f"{event['tokens_per_s']:.0f}"}
+            if "eval_loss" in event:
+                self.last_eval = f"{event['eval_loss']:.4f}"
+            if getattr(self, "last_eval", None):
+                shown["eval"] = self.last_eval
+            self.bar.set_postfix(shown, refresh=False)
             self.bar.update(event["step"] - self.bar.n)
 
     def close(self) -> None:
@@ -560,6 +605,7 @@ def run_worker(spec: TrainSpec, progress: Progress | None = None, rows: TokenRow
         state = load_checkpoint(ckpts, session.model, session.optimizer, session.scheduler, session.scaler, rt)
         _train_loop(session, state, ckpts, meter, progress if rt.main else None, show_bar and rt.main)
         stats = _stats(session, state, meter)
+        stats["exported_step"] = restore_best(session, state, ckpts)
         publish_outputs(session, state, stats)
         if rt.world > 1:
             dist.barrier()  # every launcher returns only once the outputs are published
@@ -606,7 +652,7 @@ def _train_loop(session: Session, state: TrainState, ckpts: Checkpoints, meter: 
     session.model.train()
     bar = ProgressBar(total, state.step, show_bar)
     try:
-        while state.step < total:
+        while state.step < total and state.stopped is None:
             tick = time.perf_counter()
             record = session.step(state.step)
             elapsed = time.perf_counter() - tick
@@ -616,16 +662,47 @@ def _train_loop(session: Session, state: TrainState, ckpts: Checkpoints, meter: 
             state.step, state.train_s = record["step"], state.train_s + elapsed
             state.tokens, state.loss_tokens = state.tokens + step_tokens, state.loss_tokens + step_loss_tokens
             record.update(tokens=state.tokens, loss_tokens=state.loss_tokens, elapsed_s=round(state.train_s, 4))
+            if session.evaluates(state.step):
+                record["eval_loss"] = session.held_out_loss()
+                track_best(state, record["eval_loss"], session.spec.settings)
             state.curve.append(record)
             eta = meter.seconds / meter.steps * (total - state.step)
-            event = {"event": "step", **record, "total_steps": total, "eta_s": eta, **meter.rates()}
+            event = {"event": "step", **record, "total_steps": total, "eta_s": eta, **meter.rates(), "stopped": state.stopped is not None}
             bar.update(event)
             if progress is not None:
                 progress(event)
-            if state.step % session.spec.settings.checkpoint_every == 0 and state.step < total:
+            new_best = "eval_loss" in record and state.best_step == state.step
+            if (state.step % session.spec.settings.checkpoint_every == 0 or new_best) and state.step < total and state.stopped is None:
+                ckpts.protected = {state.best_step}  # the best checkpoint outlives keep_checkpoints
                 save_checkpoint(ckpts, state, session.model, session.optimizer, session.scheduler, session.scaler, session.rt)
     finally:
         bar.close()
+
+
+def track_best(state: TrainState, eval_loss: float, settings: TrainSettings) -> None:
+    """Keep the best held-out loss and its step; stop after `early_stopping_patience` evaluations
+    without an improvement of at least min_delta."""
+    if state.best_eval_loss is None or eval_loss < state.best_eval_loss - settings.min_delta:
+        state.best_eval_loss, state.best_step, state.bad_evals = eval_loss, state.step, 0
+        return
+    state.bad_evals += 1
+    patience = settings.early_stopping_patience
+    if patience and state.bad_evals >= patience:
+        state.stopped = {
+            "step": state.step,
+            "reason": f"early stopping: {patience} evaluation(s) without a held-out loss below {state.best_eval_loss:.6g} - "
+                      f"{settings.min_delta:g} (best at step {state.best_step})",
+        }
+        logger.info("%s", state.stopped["reason"])
+
+
+def restore_best(session: Session, state: TrainState, ckpts: Checkpoints) -> int:
+    """With export_checkpoint best: put the best checkpoint's weights back when training went past
+    it. Returns the step whose weights are published."""
+    if not (session.spec.settings.exports_best and state.best_step) or state.best_step == state.step:
+        return state.step
+    load_weights(ckpts, state.best_step, session.model)
+    return state.best_step
 
 
 def _stats(session: Session, state: TrainState, meter: Meter) -> dict:
@@ -652,6 +729,9 @@ def _stats(session: Session, state: TrainState, meter: Meter) -> dict:
         "trainable_params": sum(p.numel() for p in session.params),
         "total_params": sum(p.numel() for p in session.model.parameters()),
         "peak_memory_gib": round(peak_memory_gib(rt.device), 3),
+        "best_step": state.best_step or None,
+        "best_eval_loss": state.best_eval_loss,
+        "stopped_early": state.stopped,
     }
 
 
