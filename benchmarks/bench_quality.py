@@ -42,6 +42,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported: the report is what this prints
 
 import torch  # noqa: E402
 
@@ -141,7 +142,7 @@ def run_trl(data_uri: str, model_dir: str, args, out: Path) -> dict:
     """SFTTrainer from the model folder (TRL loads it, prepares the rows, trains); its adapter is
     saved where `modeling.load_tuned` finds ours (<folder>/adapter)."""
     import datasets
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import SFTTrainer
 
     lrs: dict[int, float] = {}
@@ -155,6 +156,7 @@ def run_trl(data_uri: str, model_dir: str, args, out: Path) -> dict:
     trainer = SFTTrainer(model=model_dir, args=trl_config(args, str(out / "trl-run"), cuda),
                          train_dataset=datasets.Dataset.from_list(trl_rows(data_uri)), peft_config=lora_config(args),
                          callbacks=[LearningRates()])
+    trainer.remove_callback(PrinterCallback)  # its per-step dicts; the curve is read from log_history
     result = trainer.train()
     trainer.save_model(str(out / "trl" / "adapter"))
     wall = time.perf_counter() - started
@@ -210,6 +212,8 @@ def score_all(model_dir: str, trained: dict[str, str], rows: dict, args) -> dict
     results = {"base": score(modeling.load_causal_lm(model_dir, False, dtype, device), rows, args)}
     for name, folder in trained.items():
         results[name] = score(modeling.load_tuned(model_dir, folder, "lora", False, dtype, device), rows, args)
+    for name, scores in results.items():
+        print(f"scored {name}: held-out loss {scores['eval_loss']:.4f} in {scores['score_s']} s", flush=True)
     return results
 
 
@@ -217,18 +221,19 @@ def score_all(model_dir: str, trained: dict[str, str], rows: dict, args) -> dict
 
 
 def mask_agreement(ours_train, trl_prepared, newline_id: int) -> dict:
-    """Same rows, same order: identical input_ids; loss tokens of each; rows whose TRL mask is ours
-    plus the newline after <|im_end|> (TRL's completion keeps the template's trailing newline)."""
+    """Same rows, same order: identical input_ids and labels; loss tokens of each; rows whose TRL
+    labels are ours plus the newline after <|im_end|> (TRL's completion keeps the template's
+    trailing newline)."""
     same_ids = newline_only = identical = 0
     ours_loss = trl_loss = 0
     for mine, theirs in zip(ours_train, trl_prepared):
-        ids, labels, mask = mine["input_ids"], mine["labels"], theirs["completion_mask"]
+        ids, labels, other = mine["input_ids"], list(mine["labels"]), list(theirs["labels"])
         same_ids += ids == theirs["input_ids"]
-        mine_mask = [int(label != IGNORE_INDEX) for label in labels]
-        ours_loss, trl_loss = ours_loss + sum(mine_mask), trl_loss + sum(mask)
-        identical += mine_mask == list(mask)
-        plus_newline = mine_mask[:-1] + [1] if ids and ids[-1] == newline_id else mine_mask
-        newline_only += mine_mask != list(mask) and plus_newline == list(mask)
+        ours_loss += sum(label != IGNORE_INDEX for label in labels)
+        trl_loss += sum(label != IGNORE_INDEX for label in other)
+        identical += labels == other
+        plus_newline = labels[:-1] + [newline_id] if ids and ids[-1] == newline_id else labels
+        newline_only += labels != other and plus_newline == other
     return {"rows": len(trl_prepared), "same_input_ids": same_ids, "same_mask": identical, "trl_adds_only_final_newline": newline_only,
             "ours_loss_tokens": ours_loss, "trl_loss_tokens": trl_loss}
 
@@ -341,7 +346,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def quiet() -> None:
     """Progress bars and library warnings off: the report is what this prints."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

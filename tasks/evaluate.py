@@ -102,12 +102,15 @@ def _evaluate_into(scratch: Path, data, tokenized, model, trained, options, temp
     expected = [sample["expected_calls"] for sample in samples]
 
     scores, answers = {}, {}
+    curve = reporting.read_loss_curve(trained, cache_options)
+    measured = loss_from_training(trained, curve, examples)
     current = modeling.load_causal_lm(base_dir, trust_remote_code, dtype, device)
     for name in ("base", "tuned"):
         if name == "tuned":  # LoRA wraps the loaded base in place; a full model replaces it
             current = modeling.load_tuned(base_dir, trained_dir, trained.method, trust_remote_code, dtype, device, base=current)
         logger.info("Evaluating the %s model on %d eval rows and %d prompts", name, len(examples), len(prompts))
-        scores[name] = scoring.response_loss(current, examples, options.batch_size)
+        reuse = name == "tuned" and measured is not None
+        scores[name] = measured if reuse else scoring.response_loss(current, examples, options.batch_size)
         answers[name] = scoring.generate(current, tokenizer, prompts, options.max_new_tokens, options.batch_size)
         scores[name].update(metrics.score_generations(answers[name], references, expected))
         scores[name]["num_generated"] = len(answers[name])
@@ -115,13 +118,25 @@ def _evaluate_into(scratch: Path, data, tokenized, model, trained, options, temp
             scores[name]["num_tool_call_references"] = sum(1 for calls in expected if calls)
     del current
     generations = [_generation(sample, b, t) for sample, b, t in zip(samples, answers["base"], answers["tuned"])]
-    curve = reporting.read_loss_curve(trained, cache_options)
     champion = None
     if rival is not None:
         scored = champion_scores(rival, base_dir, examples, prompts, references, expected, tokenizer, options, trust_remote_code,
                                  (dtype, device), (storage.join(cache_dir, "champion-scores"), cache_options, tokenized.key))
         champion = {"name": rival[0].name, "scores": scored}
     _write_results(scratch, scores["base"], scores["tuned"], generations, curve, options.gate, champion=champion)
+
+
+def loss_from_training(trained: TrainArtifact, curve: list[dict], examples: list[dict]) -> dict | None:
+    """The tuned model's held-out loss as training measured it (train.eval_every) at the step
+    whose weights it published: the same eval rows, token-weighted, packed with per-example
+    attention as here, so it is not computed twice. None when training did not measure it."""
+    step = trained.stats.get("exported_step")
+    measured = next((record["eval_loss"] for record in curve if record.get("step") == step and "eval_loss" in record), None)
+    if measured is None or not examples:
+        return None
+    tokens = sum(sum(label != collate.IGNORE_INDEX for label in example["labels"][1:]) for example in examples)
+    return {"eval_loss": measured, "perplexity": scoring.safe_exp(measured), "eval_tokens": tokens, "eval_examples": len(examples),
+            "eval_loss_source": f"training, step {step}"}
 
 
 def champion_scores(rival, base_dir, examples, prompts, references, expected, tokenizer, options: EvalOptions, trust_remote_code: bool,

@@ -332,3 +332,17 @@ def test_gate_rules(gate, base, tuned, passed, words):
     assert gate.metric in message
     for word in words:
         assert word in message
+
+
+def test_the_tuned_held_out_loss_measured_in_training_is_reused_not_recomputed():
+    from schemas.manifests import TrainArtifact
+    from tasks.evaluate import loss_from_training
+
+    trained = TrainArtifact(stage="train", uri="/t", key="k", method="lora", loss_curve_uri="/t/loss_curve.json",
+                            stats={"exported_step": 4})
+    curve = [{"step": 2, "loss": 3.0, "eval_loss": 2.5}, {"step": 4, "loss": 2.0, "eval_loss": 2.25}, {"step": 6, "loss": 1.0, "eval_loss": 2.4}]
+    examples = [{"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]}, {"input_ids": [5, 6], "labels": [5, 6]}]
+    reused = loss_from_training(trained, curve, examples)
+    assert reused["eval_loss"] == 2.25 and reused["eval_loss_source"] == "training, step 4"
+    assert reused["eval_tokens"] == 3 and reused["eval_examples"] == 2
+    assert loss_from_training(trained, [{"step": 4, "loss": 2.0}], examples) is None  # not measured in training

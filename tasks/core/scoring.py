@@ -45,13 +45,13 @@ def response_loss(model, examples: Sequence[dict], batch_size: int) -> dict[str,
     loss = total_nll / total_tokens if total_tokens else None
     return {
         "eval_loss": loss,
-        "perplexity": _safe_exp(loss) if loss is not None else None,
+        "perplexity": safe_exp(loss) if loss is not None else None,
         "eval_tokens": total_tokens,
         "eval_examples": len(examples),
     }
 
 
-def _safe_exp(value: float) -> float:
+def safe_exp(value: float) -> float:
     try:
         return math.exp(value)
     except OverflowError:
