@@ -89,15 +89,15 @@ def run_ours(train_file: Path, eval_file: Path, model, args, cache: str) -> dict
     from tasks.train import train_model
     from tasks.validate import validate_data
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     data = validate_data([str(train_file)], [str(eval_file)], DataOptions(), cache)
     tokenized = tokenize_dataset(data, model, TemplateOptions(max_length=args.max_length), cache)
     trained = train_model(tokenized, model, train_options(args), cache)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     curve = json.loads(Path(trained.loss_curve_uri).read_text())
     stats = trained.stats
     return {
-        "data": data, "tokenized": tokenized, "trained_dir": trained.uri, "wall_s": wall, "train_s": stats["train_s"],
+        "data": data, "tokenized": tokenized, "trained_dir": trained.uri, "wall_s": wall, "cpu_s": cpu, "train_s": stats["train_s"],
         "tokens": stats["tokens"], "loss_tokens": stats["loss_tokens"], "steps": stats["steps"],
         "curve": [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in curve],
     }
@@ -106,12 +106,20 @@ def run_ours(train_file: Path, eval_file: Path, model, args, cache: str) -> dict
 # ------------------------------------------------------------------------------------------- TRL
 
 
-def trl_rows(data_uri: str) -> list[dict]:
-    """The validated training conversations as TRL's conversational prompt-completion rows."""
+def trl_dataset(ours: dict, source: str):
+    """What TRL trains on. 'conversations': the validated training conversations as TRL's
+    conversational prompt-completion rows (TRL renders, tokenizes and masks them itself).
+    'our-tokens': our tokenized train split, input_ids and labels as is (TRL keeps a labels
+    column), which takes masking out of the comparison."""
+    import datasets
+
     from tasks.core.rows import read_canonical
 
-    return [{"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
-            for row in read_canonical(data_uri) if row["split"] == "train"]
+    if source == "our-tokens":
+        return datasets.load_from_disk(ours["tokenized"].uri)["train"].select_columns(["input_ids", "labels"])
+    rows = [{"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+            for row in read_canonical(ours["data"].uri) if row["split"] == "train"]
+    return datasets.Dataset.from_list(rows)
 
 
 def trl_config(args, output_dir: str, cuda: bool):
@@ -138,10 +146,9 @@ def lora_config(args):
                       task_type="CAUSAL_LM")
 
 
-def run_trl(data_uri: str, model_dir: str, args, out: Path) -> dict:
+def run_trl(ours: dict, model_dir: str, args, out: Path) -> dict:
     """SFTTrainer from the model folder (TRL loads it, prepares the rows, trains); its adapter is
     saved where `modeling.load_tuned` finds ours (<folder>/adapter)."""
-    import datasets
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTTrainer
 
@@ -152,19 +159,19 @@ def run_trl(data_uri: str, model_dir: str, args, out: Path) -> dict:
             lrs[state.global_step + 1] = optimizer.param_groups[0]["lr"]
 
     cuda = torch.cuda.is_available()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     trainer = SFTTrainer(model=model_dir, args=trl_config(args, str(out / "trl-run"), cuda),
-                         train_dataset=datasets.Dataset.from_list(trl_rows(data_uri)), peft_config=lora_config(args),
+                         train_dataset=trl_dataset(ours, args.trl_input), peft_config=lora_config(args),
                          callbacks=[LearningRates()])
     trainer.remove_callback(PrinterCallback)  # its per-step dicts; the curve is read from log_history
     result = trainer.train()
     trainer.save_model(str(out / "trl" / "adapter"))
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     prepared = trainer.train_dataset
     tokens = sum(len(ids) for ids in prepared["input_ids"]) * args.epochs
     curve = [{"step": log["step"], "loss": log["loss"], "lr": lrs.get(log["step"])} for log in trainer.state.log_history if "loss" in log]
     del trainer
-    return {"trained_dir": str(out / "trl"), "wall_s": wall, "train_s": result.metrics["train_runtime"], "tokens": tokens,
+    return {"trained_dir": str(out / "trl"), "wall_s": wall, "cpu_s": cpu, "train_s": result.metrics["train_runtime"], "tokens": tokens,
             "steps": result.global_step, "curve": curve, "prepared": prepared}
 
 
@@ -284,17 +291,17 @@ def plot_curves(ours: dict, trl: dict, results: dict, path: Path) -> None:
 
 
 def markdown(results: dict, ours: dict, trl: dict) -> str:
-    """The README table: one row per model, the relative loss gap against TRL."""
-    lines = ["| model | held-out loss | perplexity | token F1 | ROUGE-L | train s (wall) | train loop s | tokens/s | loss vs TRL |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    runs = {"base": None, "ours": ours, "trl": trl}
-    names = {"base": "base SmolLM2-135M-Instruct", "ours": "ours (packed, sdpa)", "trl": "TRL SFTTrainer (padded, defaults)"}
-    for name, run in runs.items():
+    """The README table: one row per model, the relative loss gap against TRL, the run's times."""
+    lines = ["| model | held-out loss | perplexity | token F1 | ROUGE-L | loss vs TRL | train loop s | tokens/s | wall s | CPU s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    names = {"base": "base SmolLM2-135M-Instruct", "ours": "ours (packed, sdpa)", "trl": "TRL SFTTrainer (padded, its defaults)"}
+    for name, run in {"base": None, "ours": ours, "trl": trl}.items():
         r = results[name]
         gap = (r["eval_loss"] - results["trl"]["eval_loss"]) / results["trl"]["eval_loss"]
-        timing = f"{run['wall_s']:.0f} | {run['train_s']:.0f} | {run['tokens'] / run['train_s']:,.0f}" if run else "- | - | -"
+        timing = (f"{run['train_s']:.0f} | {run['tokens'] / run['train_s']:,.0f} | {run['wall_s']:.0f} | {run['cpu_s']:.0f}"
+                  if run else "- | - | - | -")
         lines.append(f"| {names[name]} | {r['eval_loss']:.4f} | {r['perplexity']:.3f} | {r['token_f1']:.3f} | {r['rouge_l']:.3f} "
-                     f"| {timing} | {gap:+.2%} |")
+                     f"| {gap:+.2%} | {timing} |")
     return "\n".join(lines)
 
 
@@ -304,13 +311,13 @@ def summary_lines(results: dict, ours: dict, trl: dict, checks: dict) -> list[st
     verdict = "PASS" if gap <= PARITY_TOLERANCE else "FAIL"
     return [
         f"parity: ours {results['ours']['eval_loss']:.4f} vs TRL {results['trl']['eval_loss']:.4f} held-out loss: {gap:+.2%} "
-        f"({verdict}, goal <= +{PARITY_TOLERANCE:.0%}); train loop {trl['train_s'] / ours['train_s']:.2f}x faster, "
-        f"wall {trl['wall_s'] / ours['wall_s']:.2f}x",
+        f"({verdict}, goal <= +{PARITY_TOLERANCE:.0%}); ours vs TRL: train loop {trl['train_s'] / ours['train_s']:.2f}x, "
+        f"stage wall {trl['wall_s'] / ours['wall_s']:.2f}x, CPU seconds {trl['cpu_s'] / ours['cpu_s']:.2f}x",
         f"masks: input_ids identical on {masks['same_input_ids']}/{masks['rows']} training rows, loss masks identical on "
         f"{masks['same_mask']}, TRL's = ours + the newline after <|im_end|> on {masks['trl_adds_only_final_newline']}; "
         f"loss tokens ours {masks['ours_loss_tokens']:,}, TRL {masks['trl_loss_tokens']:,}",
         f"steps: ours {checks['steps']['ours']}, TRL {checks['steps']['trl']}; tokens trained: ours {checks['tokens']['ours']:,}, "
-        f"TRL {checks['tokens']['trl']:,} (non-padding)",
+        f"TRL {checks['tokens']['trl']:,.0f} (non-padding)",
         f"learning rate, first steps (ours / TRL): "
         + ", ".join(f"{p['step']}: {p['ours']:.2e} / {p['trl']:.2e}" for p in lr["first_steps"])
         + f"; largest gap at step {lr['largest_gap']['step']}; later steps equal: {lr['steps_after_warmup_equal']}",
@@ -338,6 +345,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lora-dropout", type=float, default=LoraOptions().dropout)
     parser.add_argument("--max-length", type=int, default=TemplateOptions().max_length)
     parser.add_argument("--seed", type=int, default=TrainOptions().seed)
+    parser.add_argument("--trl-input", choices=["conversations", "our-tokens"], default="conversations",
+                        help="TRL's rows: prompt-completion conversations it tokenizes itself, or our tokenized input_ids/labels")
     parser.add_argument("--model-cache", default=str(REPO / ".sft-cache"), help="cache_dir for import_model")
     parser.add_argument("--out", default=None, help="folder for quality.json, loss_curves.png and the stage caches")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -367,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     from tasks.model import import_model
 
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), os.getloadavg()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-quality-"))
     train, held = hash_ordered_split(json.loads(Path(args.data).read_text()), args.train_rows, args.eval_rows)
     train_file, eval_file = write_json(out / "data" / "train.json", train), write_json(out / "data" / "eval.json", held)
@@ -379,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ours = run_ours(train_file, eval_file, model, args, str(out / "cache"))
     print(f"ours: {ours['steps']} steps, train loop {ours['train_s']:.1f} s, wall {ours['wall_s']:.1f} s", flush=True)
-    trl = run_trl(ours["data"].uri, model.uri, args, out)
+    trl = run_trl(ours, model.uri, args, out)
     print(f"TRL:  {trl['steps']} steps, train loop {trl['train_s']:.1f} s, wall {trl['wall_s']:.1f} s", flush=True)
 
     rows = held_out(ours, model, args)
@@ -389,9 +398,10 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(results, ours, trl)
     report = {
         "args": vars(args), "device": device, "torch": torch.__version__, "results": results, "diagnostics": checks,
-        "ours": {k: ours[k] for k in ("wall_s", "train_s", "tokens", "loss_tokens", "steps", "curve")},
-        "trl": {k: trl[k] for k in ("wall_s", "train_s", "tokens", "steps", "curve")},
+        "ours": {k: ours[k] for k in ("wall_s", "cpu_s", "train_s", "tokens", "loss_tokens", "steps", "curve")},
+        "trl": {k: trl[k] for k in ("wall_s", "cpu_s", "train_s", "tokens", "steps", "curve")},
         "references": rows["references"], "markdown": table, "total_s": time.perf_counter() - started,
+        "load_average": {"start": load_start, "end": os.getloadavg()},
     }
     write_json(out / "quality.json", report)
     print()

@@ -28,7 +28,7 @@ from flows.cli import config_from_args
 from flows.report import format_dataset_stats, format_run_summary
 from flows.server import api_for_cli
 from schemas.config import SFTConfig
-from schemas.manifests import Champion, QualityGateError, ReleaseInputs, StageResult
+from schemas.manifests import Champion, ReleaseInputs, StageResult
 from tasks import reporting, tracking
 from tasks.core import storage
 from tasks.core.modeling import ModelSourceError
@@ -37,7 +37,7 @@ from tasks.core.trainer import TrainingDivergedError
 from tasks.evaluate import evaluate_task, publish_eval_artifacts
 from tasks.export import check_output_target, export_task, publish_rejection
 from tasks.model import import_model_task
-from tasks.releases import ReleaseStore
+from tasks.releases import ReleaseError, ReleaseStore
 from tasks.tokenize import publish_tokenize_stats, tokenize_task
 from tasks.train import train_task
 from tasks.validate import DataValidationError, publish_validation_table, validate_task
@@ -236,7 +236,7 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 # Failures the user can fix, and whose message says how: printed without a type name.
-USER_ERRORS = (DataValidationError, QualityGateError, RefusedTargetError, ModelSourceError, TrainingDivergedError)
+USER_ERRORS = (DataValidationError, RefusedTargetError, ModelSourceError, TrainingDivergedError, ReleaseError)
 RESUME_HINT = "run the same command again to resume from the last checkpoint"
 # A run whose model lost to the champion: not a crash (1), not a success (0).
 EXIT_REJECTED = 3

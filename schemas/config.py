@@ -189,7 +189,7 @@ class EvalOptions(_Section):
     batch_size: int = Field(8, ge=1, description="Examples per evaluation forward pass.")
     num_generate: int = Field(16, ge=0, description="Held-out prompts to generate answers for (base and tuned).")
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer (greedy).")
-    gate: GateOptions = Field(default_factory=GateOptions, description="Quality gate; a failing model is not exported.")
+    gate: GateOptions = Field(default_factory=GateOptions, description="Quality gate against the champion; a failing model is never promoted to production.")
 
 
 class ExportOptions(_Section):

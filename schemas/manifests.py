@@ -40,21 +40,11 @@ class TrainArtifact(StageResult):
     loss_curve_uri: str = Field(description="JSON list of {step, loss, lr, tokens} records.")
 
 
-class QualityGateError(RuntimeError):
-    """The tuned model failed the quality gate; the message names the metric, both values and the threshold."""
-
-
 class EvalArtifact(StageResult):
     """Base vs tuned metrics, sample generations and the gate's verdict."""
 
     passed: bool = Field(description="Whether the tuned model passed the quality gate.")
     gate_message: str = Field("", description="Why the gate passed or failed.")
-
-    def require_passed(self) -> None:
-        """Raise QualityGateError unless the tuned model passed: the flow and export both refuse to
-        publish a model that failed."""
-        if not self.passed:
-            raise QualityGateError(f"Quality gate: {self.gate_message}")
 
 
 class Champion(BaseModel):

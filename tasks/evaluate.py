@@ -3,10 +3,12 @@
 Scores come from `tasks/core/scoring.py` (response-only loss of packed rows, greedy answers to
 the first `num_generate` eval prompts, compared with the references by `tasks/core/metrics.py`;
 references that end in tool calls also score the calls the answers make).
-The entry folder holds metrics.json ({base, tuned, delta}), gate.json, generations.json,
-loss_curve.png and report.md (`tasks/reporting.py`). The flow calls
-`EvalArtifact.require_passed` before export, and export again, so a model that fails the gate is
-never published. With eval.enabled off nothing is computed and the gate passes, saying so."""
+The entry folder holds metrics.json ({base, tuned, delta, champion, comparison}), gate.json,
+generations.json, loss_curve.png and report.md (`tasks/reporting.py`). When a release is in
+production (the champion), it is scored on the same rows and the gate compares the tuned model
+with it, else with the base model; export then promotes the model or keeps it as a rejected
+candidate (tasks/releases.py). With eval.enabled off nothing is computed and the gate passes,
+saying so."""
 
 from __future__ import annotations
 
