@@ -1,29 +1,36 @@
 """Quality parity: ours and TRL's SFTTrainer fine-tune the same model on the same rows with the
 same settings, and one scorer grades both.
 
-    python -m benchmarks.bench_quality [DATA] [--train-rows 160 --eval-rows 64 --epochs 1 --generate 16]   # CPU
-    python -m benchmarks.bench_quality --train-rows 899 --eval-rows 100 --epochs 3 --generate 100           # GPU
+    python -m benchmarks.bench_quality [DATA]                                                      # CPU, < 15 min
+    python -m benchmarks.bench_quality --train-rows 899 --eval-rows 100 --epochs 3 --generate 100  # GPU
 
 DATA is an alpaca JSON file, by default ../shared/data/alpaca_en_demo.json next to the repository.
 Records are ordered by the hash of their content: the first --eval-rows are held out, the next
---train-rows train, so the split does not depend on the file's order and a larger run holds out
-the same rows. The base model is the embedded SmolLM2-135M-Instruct (`import_model`).
+--train-rows are trained on, so the split does not depend on the file's order and a larger run
+holds out the same rows. The base model is the embedded SmolLM2-135M-Instruct (`import_model`).
+The defaults (160 train rows, 1 epoch, 64 held-out rows, 16 generated answers) finish in under
+15 minutes on a 2-core CPU; the same command runs on a GPU with larger numbers (it needs the
+project's dependencies, since ours runs the real stages).
 
-Ours runs the pipeline's own stages as plain functions (validate_data with the held-out rows as
-eval data, tokenize_dataset, train_model) and keeps the adapter the train stage publishes. TRL
-gets the same validated conversations as prompt-completion rows (completion-only loss, SmolLM2's
-chat template) and a peft LoraConfig. Like for like: LoRA r/alpha/dropout/targets, peak learning
-rate, cosine schedule with the same warmup share, epochs, weight decay, clipping, seed, max_length,
-and B examples per optimizer step in one micro-batch (ours packs them, TRL pads them: the same
-examples, so the same tokens per step over an epoch), loss normalised over the step's response
-tokens on both. TRL keeps its own defaults otherwise (gradient checkpointing; bf16 on CUDA).
+Ours runs the pipeline's stages as plain functions (validate_data with the held-out rows as eval
+data, tokenize_dataset, train_model) and is scored from the adapter the train stage publishes.
+TRL gets the same validated conversations as prompt-completion rows (completion-only loss,
+SmolLM2's chat template) and a peft LoraConfig. Like for like: LoRA r/alpha/dropout/targets, peak
+learning rate, cosine schedule and warmup share, epochs, weight decay, clipping, seed, max_length,
+and --batch examples per optimizer step in one micro-batch (ours packs them, TRL pads them: the
+same examples, so the same tokens per step), the loss normalised over the step's response tokens
+on both. With --order ours (the default) TRL reads the rows in the order our trainer visits them,
+so step s of both trains on the same examples and the two loss curves compare step by step;
+--order own lets TRL shuffle. --trl-input our-tokens hands TRL our input_ids and labels instead
+of conversations, which takes tokenization and masking out of the comparison. TRL keeps its own
+defaults otherwise (gradient checkpointing on; bf16 on CUDA).
 
-One scorer grades base, ours and TRL (`tasks.core.scoring`, as the evaluate stage does): the
-response-token loss of the held-out rows as our tokenize stage masks them, and greedy answers to
-the first --generate held-out prompts (token F1, ROUGE-L). Writes, under --out (default: a new
-temporary folder): quality.json (every number), loss_curves.png (both training curves by
-optimizer step, held-out losses as lines) and the stage caches. The diagnostics printed at the
-end compare what could make the two differ: masks, steps, learning rate per step, tokens.
+One scorer grades base, ours and TRL (`tasks.core.scoring`, loaded as the evaluate stage loads
+them): the response-token loss of the held-out rows as our tokenize stage masks them, and greedy
+answers to the first --generate held-out prompts (token F1, ROUGE-L). Writes, under --out (default:
+a new temporary folder), quality.json (every number), loss_curves.png (both training losses by
+optimizer step, the held-out losses as lines) and the stage caches. The diagnostics printed last
+compare what could make the two differ: tokens and masks, loss per step, learning rate per step.
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -80,6 +86,7 @@ def train_options(args) -> TrainOptions:
         method="lora", lora=LoraOptions(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout),
         learning_rate=args.learning_rate, lr_scheduler=args.scheduler, warmup_ratio=args.warmup_ratio,
         epochs=args.epochs, micro_batch_size=args.batch, grad_accum=1, seed=args.seed,
+        eval_every=0,  # the last step's weights, as TRL's, and no evaluation inside the timed loop
     )
 
 
@@ -98,7 +105,7 @@ def run_ours(train_file: Path, eval_file: Path, model, args, cache: str) -> dict
     stats = trained.stats
     return {
         "data": data, "tokenized": tokenized, "trained_dir": trained.uri, "wall_s": wall, "cpu_s": cpu, "train_s": stats["train_s"],
-        "tokens": stats["tokens"], "loss_tokens": stats["loss_tokens"], "steps": stats["steps"],
+        "tokens": stats["tokens"], "loss_tokens": stats["loss_tokens"], "steps": stats["steps"], "attention": stats["attention"],
         "curve": [{"step": r["step"], "loss": r["loss"], "lr": r["lr"]} for r in curve],
     }
 
@@ -119,19 +126,37 @@ def trl_dataset(ours: dict, source: str):
         return datasets.load_from_disk(ours["tokenized"].uri)["train"].select_columns(["input_ids", "labels"])
     rows = [{"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
             for row in read_canonical(ours["data"].uri) if row["split"] == "train"]
+    if len(rows) != ours["tokenized"].stats["train"]["kept"]:  # row i of both must be the same example
+        raise SystemExit("our tokenize stage dropped training rows (longer than --max-length?): raise --max-length")
     return datasets.Dataset.from_list(rows)
+
+
+def our_order(ours: dict, args) -> list[int]:
+    """The training rows in the order our trainer visits them, step after step (its DataOrder over
+    the steps it plans), so TRL, reading them sequentially, sees the same examples at every step."""
+    from tasks.core import trainer
+
+    rows = trainer.load_rows(ours["tokenized"].uri)
+    settings = train_options(args).settings()
+    plan = trainer.plan_steps(rows, settings, world=1)
+    order = trainer.DataOrder(len(rows), settings.seed)
+    return [i for step in range(plan.total_steps) for i in order.global_batch(step, plan.global_batch)]
 
 
 def trl_config(args, output_dir: str, cuda: bool):
     """SFTConfig with our run's settings; TRL's own defaults for the rest. On CPU the base is loaded
-    in fp32 (SmolLM2's config says bf16, which `dtype='auto'` would load: ours trains fp32 on CPU)."""
+    in fp32 (SmolLM2's config says bf16, which `dtype='auto'` would load: ours trains fp32 on CPU).
+    --order ours: one sequential pass over rows already in our order (`our_order`)."""
     from trl import SFTConfig
 
     ours = train_options(args).settings()
+    same_order = args.order == "ours"
     return SFTConfig(
-        output_dir=output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch,
+        output_dir=output_dir, num_train_epochs=1 if same_order else args.epochs,
+        train_sampling_strategy="sequential" if same_order else "random", per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, learning_rate=ours.peak_learning_rate, lr_scheduler_type=ours.lr_scheduler,
-        warmup_steps=ours.warmup_ratio, weight_decay=ours.weight_decay, max_grad_norm=ours.max_grad_norm, seed=ours.seed,
+        warmup_steps=min(ours.warmup_ratio, 0.999999),  # below 1 it is a share of the steps (1 would mean one step)
+        weight_decay=ours.weight_decay, max_grad_norm=ours.max_grad_norm, seed=ours.seed,
         max_length=args.max_length, completion_only_loss=True, packing=False, logging_steps=1, save_strategy="no",
         report_to=[], disable_tqdm=True, use_cpu=not cuda, bf16=cuda,
         model_init_kwargs={"attn_implementation": "sdpa", **({} if cuda else {"dtype": torch.float32})},
@@ -159,20 +184,22 @@ def run_trl(ours: dict, model_dir: str, args, out: Path) -> dict:
             lrs[state.global_step + 1] = optimizer.param_groups[0]["lr"]
 
     cuda = torch.cuda.is_available()
+    dataset = trl_dataset(ours, args.trl_input)
+    rows_of = our_order(ours, args) if args.order == "ours" else list(range(len(dataset)))  # our row of each TRL row
+    dataset = dataset.select(rows_of)
     started, cpu = time.perf_counter(), time.process_time()
-    trainer = SFTTrainer(model=model_dir, args=trl_config(args, str(out / "trl-run"), cuda),
-                         train_dataset=trl_dataset(ours, args.trl_input), peft_config=lora_config(args),
-                         callbacks=[LearningRates()])
+    trainer = SFTTrainer(model=model_dir, args=trl_config(args, str(out / "trl-run"), cuda), train_dataset=dataset,
+                         peft_config=lora_config(args), callbacks=[LearningRates()])
     trainer.remove_callback(PrinterCallback)  # its per-step dicts; the curve is read from log_history
     result = trainer.train()
     trainer.save_model(str(out / "trl" / "adapter"))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     prepared = trainer.train_dataset
-    tokens = sum(len(ids) for ids in prepared["input_ids"]) * args.epochs
+    tokens = sum(len(ids) for ids in prepared["input_ids"]) * (1 if args.order == "ours" else args.epochs)
     curve = [{"step": log["step"], "loss": log["loss"], "lr": lrs.get(log["step"])} for log in trainer.state.log_history if "loss" in log]
     del trainer
     return {"trained_dir": str(out / "trl"), "wall_s": wall, "cpu_s": cpu, "train_s": result.metrics["train_runtime"], "tokens": tokens,
-            "steps": result.global_step, "curve": curve, "prepared": prepared}
+            "steps": result.global_step, "curve": curve, "prepared": prepared, "rows_of": rows_of}
 
 
 # --------------------------------------------------------------------------------------- scoring
@@ -227,13 +254,16 @@ def score_all(model_dir: str, trained: dict[str, str], rows: dict, args) -> dict
 # ----------------------------------------------------------------------------------- diagnostics
 
 
-def mask_agreement(ours_train, trl_prepared, newline_id: int) -> dict:
-    """Same rows, same order: identical input_ids and labels; loss tokens of each; rows whose TRL
-    labels are ours plus the newline after <|im_end|> (TRL's completion keeps the template's
-    trailing newline)."""
-    same_ids = newline_only = identical = 0
-    ours_loss = trl_loss = 0
-    for mine, theirs in zip(ours_train, trl_prepared):
+def mask_agreement(ours_train, trl_prepared, rows_of: list[int], newline_id: int) -> dict:
+    """Each training row once, ours beside TRL's preparation of it: identical input_ids and labels;
+    loss tokens of each; rows whose TRL labels are ours plus the newline after <|im_end|> (TRL's
+    completion keeps the template's trailing newline)."""
+    theirs_of = {}
+    for j, i in enumerate(rows_of):
+        theirs_of.setdefault(i, j)
+    same_ids = newline_only = identical = ours_loss = trl_loss = 0
+    for i, j in sorted(theirs_of.items()):
+        mine, theirs = ours_train[i], trl_prepared[j]
         ids, labels, other = mine["input_ids"], list(mine["labels"]), list(theirs["labels"])
         same_ids += ids == theirs["input_ids"]
         ours_loss += sum(label != IGNORE_INDEX for label in labels)
@@ -241,8 +271,19 @@ def mask_agreement(ours_train, trl_prepared, newline_id: int) -> dict:
         identical += labels == other
         plus_newline = labels[:-1] + [newline_id] if ids and ids[-1] == newline_id else labels
         newline_only += labels != other and plus_newline == other
-    return {"rows": len(trl_prepared), "same_input_ids": same_ids, "same_mask": identical, "trl_adds_only_final_newline": newline_only,
+    return {"rows": len(theirs_of), "same_input_ids": same_ids, "same_labels": identical, "trl_adds_only_final_newline": newline_only,
             "ours_loss_tokens": ours_loss, "trl_loss_tokens": trl_loss}
+
+
+def curve_gap(ours_curve: list[dict], trl_curve: list[dict]) -> dict:
+    """Training loss step by step. With --order ours both steps see the same examples, and step 1
+    runs the unchanged base model (LoRA's B starts at zero): equal losses there mean the same
+    tokens carry loss and the loss is normalised the same way."""
+    pairs = [(a["loss"], b["loss"]) for a, b in zip(ours_curve, trl_curve)]
+    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    return {"step_1": {"ours": pairs[0][0], "trl": pairs[0][1]} if pairs else None,
+            "mean_ours": mean([a for a, _ in pairs]), "mean_trl": mean([b for _, b in pairs]),
+            "mean_abs_gap": mean([abs(a - b) for a, b in pairs])}
 
 
 def schedule_gap(ours_curve: list[dict], trl_curve: list[dict]) -> dict:
@@ -251,7 +292,7 @@ def schedule_gap(ours_curve: list[dict], trl_curve: list[dict]) -> dict:
     worst = max(pairs, key=lambda p: abs(p[1] - p[2]), default=None)
     return {"first_steps": [{"step": s, "ours": a, "trl": b} for s, a, b in pairs[:4]],
             "largest_gap": {"step": worst[0], "ours": worst[1], "trl": worst[2]} if worst else None,
-            "steps_after_warmup_equal": sum(abs(a - b) <= 1e-9 * max(a, 1e-12) for _, a, b in pairs[4:])}
+            "equal_steps": sum(abs(a - b) <= 1e-9 * max(a, 1e-12) for _, a, b in pairs), "steps": len(pairs)}
 
 
 def diagnostics(ours: dict, trl: dict, tokenizer) -> dict:
@@ -260,7 +301,8 @@ def diagnostics(ours: dict, trl: dict, tokenizer) -> dict:
     newline = tokenizer.encode("\n", add_special_tokens=False)[0]
     ours_train = load_from_disk(ours["tokenized"].uri)["train"]
     return {
-        "masks": mask_agreement(ours_train, trl["prepared"], newline),
+        "masks": mask_agreement(ours_train, trl["prepared"], trl["rows_of"], newline),
+        "train_loss": curve_gap(ours["curve"], trl["curve"]),
         "steps": {"ours": ours["steps"], "trl": trl["steps"]},
         "tokens": {"ours": ours["tokens"], "trl": trl["tokens"]},
         "learning_rate": schedule_gap(ours["curve"], trl["curve"]),
@@ -274,14 +316,16 @@ def plot_curves(ours: dict, trl: dict, results: dict, path: Path) -> None:
     """Both training losses by optimizer step; the held-out losses of base, ours and TRL as lines."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(7.2, 4.0), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for name, run, color in (("ours", ours, "tab:blue"), ("TRL SFTTrainer", trl, "tab:orange")):
         axes.plot([r["step"] for r in run["curve"]], [r["loss"] for r in run["curve"]], label=f"{name}: train loss", color=color)
-    for name, color in (("base", "tab:gray"), ("ours", "tab:blue"), ("trl", "tab:orange")):
-        axes.axhline(results[name]["eval_loss"], linestyle="--", color=color, linewidth=1, label=f"{name}: held-out loss")
+    for name, label, color in (("base", "base", "tab:gray"), ("ours", "ours", "tab:blue"), ("trl", "TRL", "tab:orange")):
+        axes.axhline(results[name]["eval_loss"], linestyle="--", color=color, linewidth=1, label=f"{label}: held-out loss")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("response-token loss")
     axes.set_title("SmolLM2-135M LoRA: ours vs TRL SFTTrainer")
@@ -294,7 +338,8 @@ def markdown(results: dict, ours: dict, trl: dict) -> str:
     """The README table: one row per model, the relative loss gap against TRL, the run's times."""
     lines = ["| model | held-out loss | perplexity | token F1 | ROUGE-L | loss vs TRL | train loop s | tokens/s | wall s | CPU s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    names = {"base": "base SmolLM2-135M-Instruct", "ours": "ours (packed, sdpa)", "trl": "TRL SFTTrainer (padded, its defaults)"}
+    names = {"base": "base SmolLM2-135M-Instruct", "ours": f"ours (packed, {ours['attention']})",
+             "trl": "TRL SFTTrainer (padded, its defaults)"}
     for name, run in {"base": None, "ours": ours, "trl": trl}.items():
         r = results[name]
         gap = (r["eval_loss"] - results["trl"]["eval_loss"]) / results["trl"]["eval_loss"]
@@ -305,22 +350,25 @@ def markdown(results: dict, ours: dict, trl: dict) -> str:
     return "\n".join(lines)
 
 
-def summary_lines(results: dict, ours: dict, trl: dict, checks: dict) -> list[str]:
+def summary_lines(results: dict, ours: dict, trl: dict, checks: dict, args) -> list[str]:
     gap = (results["ours"]["eval_loss"] - results["trl"]["eval_loss"]) / results["trl"]["eval_loss"]
-    masks, lr = checks["masks"], checks["learning_rate"]
+    masks, lr, curve = checks["masks"], checks["learning_rate"], checks["train_loss"]
     verdict = "PASS" if gap <= PARITY_TOLERANCE else "FAIL"
     return [
         f"parity: ours {results['ours']['eval_loss']:.4f} vs TRL {results['trl']['eval_loss']:.4f} held-out loss: {gap:+.2%} "
         f"({verdict}, goal <= +{PARITY_TOLERANCE:.0%}); ours vs TRL: train loop {trl['train_s'] / ours['train_s']:.2f}x, "
         f"stage wall {trl['wall_s'] / ours['wall_s']:.2f}x, CPU seconds {trl['cpu_s'] / ours['cpu_s']:.2f}x",
-        f"masks: input_ids identical on {masks['same_input_ids']}/{masks['rows']} training rows, loss masks identical on "
-        f"{masks['same_mask']}, TRL's = ours + the newline after <|im_end|> on {masks['trl_adds_only_final_newline']}; "
+        f"masks: input_ids identical on {masks['same_input_ids']}/{masks['rows']} training rows, labels identical on "
+        f"{masks['same_labels']}, TRL's = ours + the newline after <|im_end|> on {masks['trl_adds_only_final_newline']}; "
         f"loss tokens ours {masks['ours_loss_tokens']:,}, TRL {masks['trl_loss_tokens']:,}",
+        f"train loss per step ({'same examples' if args.order == 'ours' else 'different examples'} at each step): step 1 "
+        f"(the base model) ours {curve['step_1']['ours']:.4f}, TRL {curve['step_1']['trl']:.4f}; mean over the run ours "
+        f"{curve['mean_ours']:.4f}, TRL {curve['mean_trl']:.4f}; mean |gap| {curve['mean_abs_gap']:.4f}",
         f"steps: ours {checks['steps']['ours']}, TRL {checks['steps']['trl']}; tokens trained: ours {checks['tokens']['ours']:,}, "
         f"TRL {checks['tokens']['trl']:,.0f} (non-padding)",
-        f"learning rate, first steps (ours / TRL): "
+        "learning rate, first steps (ours / TRL): "
         + ", ".join(f"{p['step']}: {p['ours']:.2e} / {p['trl']:.2e}" for p in lr["first_steps"])
-        + f"; largest gap at step {lr['largest_gap']['step']}; later steps equal: {lr['steps_after_warmup_equal']}",
+        + f"; largest gap at step {lr['largest_gap']['step']}; equal on {lr['equal_steps']}/{lr['steps']} steps",
     ]
 
 
@@ -330,7 +378,7 @@ def summary_lines(results: dict, ours: dict, trl: dict, checks: dict) -> list[st
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", nargs="?", default=str(DEFAULT_DATA), help="alpaca JSON file")
-    parser.add_argument("--train-rows", type=int, default=160, help="rows trained on (CPU default sized to finish in 15 minutes)")
+    parser.add_argument("--train-rows", type=int, default=160, help="rows trained on (the default fits 15 minutes on 2 CPU cores)")
     parser.add_argument("--eval-rows", type=int, default=64, help="held-out rows scored by response loss")
     parser.add_argument("--generate", type=int, default=16, help="held-out prompts answered greedily (token F1, ROUGE-L)")
     parser.add_argument("--max-new-tokens", type=int, default=EvalOptions().max_new_tokens)
@@ -345,6 +393,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lora-dropout", type=float, default=LoraOptions().dropout)
     parser.add_argument("--max-length", type=int, default=TemplateOptions().max_length)
     parser.add_argument("--seed", type=int, default=TrainOptions().seed)
+    parser.add_argument("--order", choices=["ours", "own"], default="ours",
+                        help="TRL's data order: ours (the same examples at every step) or its own shuffling")
     parser.add_argument("--trl-input", choices=["conversations", "our-tokens"], default="conversations",
                         help="TRL's rows: prompt-completion conversations it tokenizes itself, or our tokenized input_ids/labels")
     parser.add_argument("--model-cache", default=str(REPO / ".sft-cache"), help="cache_dir for import_model")
@@ -407,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table)
     print()
-    for line in summary_lines(results, ours, trl, checks):
+    for line in summary_lines(results, ours, trl, checks, args):
         print("- " + line)
     print(f"- wrote {out / 'quality.json'} and {out / 'loss_curves.png'}; total {report['total_s']:.0f} s")
 
