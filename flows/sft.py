@@ -21,8 +21,8 @@ from typing import Any
 
 from prefect import flow, tags
 from prefect.exceptions import TerminationSignal
-from prefect.states import Completed
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from flows.cli import config_from_args
 from flows.report import format_dataset_stats, format_run_summary
