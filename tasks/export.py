@@ -89,7 +89,7 @@ def check_output_target(
 
 def _foreign_entries(fs, path: str, names: list[str]) -> list[str]:
     """The entries of an existing output folder that are not a release root's."""
-    foreign = [name for name in names if not releases.is_release_root_entry(name)]
+    foreign = [name for name in names if name not in releases.ROOT_ENTRIES]
     if releases.RELEASES in names:
         # Our releases, and the hidden scratch of one being written.
         foreign += [f"{releases.RELEASES}/{name}" for name in _names(fs, f"{path}/{releases.RELEASES}")

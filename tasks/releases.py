@@ -83,7 +83,8 @@ class ReleaseStore:
         return sorted(name for name in found if RELEASE_NAME.match(name) and storage.is_complete(self.release_url(name), self.options))
 
     def info(self, name: str) -> ReleaseInfo:
-        if name not in self.names():
+        # One marker read, not a listing of every release: find() and releases() call this per name.
+        if not RELEASE_NAME.match(name) or not storage.is_complete(self.release_url(name), self.options):
             raise ReleaseError(f"no complete release named {name!r} under {self.url}/{RELEASES}")
         manifest = storage.read_json(storage.join(self.release_url(name), MANIFEST), self.options)
         release = manifest.get("release", {})
@@ -192,7 +193,3 @@ class ReleaseStore:
             rows.append({"release": info.name, "exported_at": info.exported_at[:19], "status": info.status,
                          "pointers": ",".join(marks), **{k: info.metrics.get(k) for k in ("metric", "champion", "champion_value", "challenger_value", "decision")}})
         return rows
-
-
-def is_release_root_entry(name: str) -> bool:
-    return name in ROOT_ENTRIES

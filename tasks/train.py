@@ -116,6 +116,7 @@ class PrefectProgress:
         self.in_run = in_prefect_run()
         self.log_every, self.min_interval_s = log_every, min_interval_s
         self.artifact_id, self.last_update = None, 0.0
+        self.eval_line = ""  # the last held-out loss (train.eval_every), shown with the progress
         self.log = self._logger()
 
     def _logger(self):
@@ -142,11 +143,11 @@ class PrefectProgress:
             )
         stopped = bool(event.get("stopped"))  # early stopping: training is over before `total`
         if stopped:
-            self.eval_line = f"{getattr(self, 'eval_line', '')}; stopped early at step {step}".lstrip("; ")
+            self.eval_line = f"{self.eval_line}; stopped early at step {step}".lstrip("; ")
         self._update_artifact(100.0 if stopped else 100.0 * step / total, step == total or stopped)
 
     def _eval_note(self) -> str:
-        return f" (last {self.eval_line})" if getattr(self, "eval_line", None) else ""
+        return f" (last {self.eval_line})" if self.eval_line else ""
 
     def _update_artifact(self, percent: float, final: bool) -> None:
         if not self.in_run or (not final and time.monotonic() - self.last_update < self.min_interval_s):

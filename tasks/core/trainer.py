@@ -575,6 +575,7 @@ class ProgressBar:
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = None
+        self.last_eval = ""  # shown until the next evaluation (train.eval_every)
         if enabled:
             from tqdm.auto import tqdm
 
@@ -585,7 +586,7 @@ class ProgressBar:
             shown = {"loss": f"{event['loss']:.4f}", "tok_s": f"{event['tokens_per_s']:.0f}"}
             if "eval_loss" in event:
                 self.last_eval = f"{event['eval_loss']:.4f}"
-            if getattr(self, "last_eval", None):
+            if self.last_eval:
                 shown["eval"] = self.last_eval
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(event["step"] - self.bar.n)
