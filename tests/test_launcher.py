@@ -189,3 +189,13 @@ def test_a_failing_worker_fails_the_stage_with_its_error(tiny_base, tmp_path):
         train_model(store, tiny_base, options(devices=2), str(tmp_path))
     assert not error.value.crashed  # a Python error, reported: another attempt would fail the same way
     assert not storage.is_complete(train_entry(store, tiny_base, options(devices=2), str(tmp_path))[1])
+
+
+def test_a_progress_event_survives_another_ranks_output_on_its_line():
+    """Every rank shares one pipe: a traceback can land on the line an event is on."""
+    line = launcher.EVENT_PREFIX + json.dumps({"step": 3, "total_steps": 9}) + "[rank1]: Traceback (most recent call last):\n"
+    event, rest = launcher._split_event(line)
+    assert event == {"step": 3, "total_steps": 9}
+    assert rest == "[rank1]: Traceback (most recent call last):\n"
+    cut = launcher.EVENT_PREFIX + '{"step": 3, "tot[rank1]: Traceback\n'
+    assert launcher._split_event(cut) == (None, cut)  # a cut event is a plain line, not a crash of the launcher

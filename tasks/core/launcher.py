@@ -1,9 +1,10 @@
 """Running the training core: in this process for one device, else as torchrun workers.
 
 Workers speak to the launcher over their stdout: a line starting with EVENT_PREFIX is a progress
-event (rank 0's drive the progress bar and the caller's callback), one starting with ERROR_PREFIX is
-a worker's exception, which the launcher raises as its own (WorkerError) instead of torchrun's
-generic exit status. On a bare GPU box, without Prefect:
+event (rank 0's drive the progress bar and the caller's callback). A worker's exception is written
+to its own file in ERRORS_ENV's folder, which the launcher raises as its own (WorkerError) instead of
+torchrun's generic exit status: a file, because every rank shares one pipe and a report printed
+there can be cut by another rank's traceback. On a bare GPU box, without Prefect:
 
     python -m tasks.core.launcher --spec spec.json          # a TrainSpec as JSON
 """
@@ -29,8 +30,8 @@ from tasks.core.trainer import Progress, ProgressBar, TrainSpec, WorkerError, ru
 logger = logging.getLogger(__name__)
 
 EVENT_PREFIX = "@@sft-event "  # a worker's progress line on stdout, read by the launcher
-ERROR_PREFIX = "@@sft-error "  # a worker's exception, re-raised by the launcher
 EVENTS_ENV = "SFT_TRAIN_EVENTS"  # set for torchrun's workers: report over stdout, no bar of their own
+ERRORS_ENV = "SFT_TRAIN_ERRORS"  # a folder where a failing worker writes rank-<N>.json
 WORKER_MODULE = "tasks.core.launcher"  # what torchrun runs: this file's main(), named, since __name__ may be __main__
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,14 +68,17 @@ def launch_torchrun(spec: TrainSpec, progress: Progress | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="sft-train-") as tmp:
         spec_file = Path(tmp) / "spec.json"
         spec_file.write_text(json.dumps(asdict(spec)))
-        env = {**os.environ, EVENTS_ENV: "1", "PYTHONUNBUFFERED": "1"}
+        errors_dir = Path(tmp) / "errors"
+        errors_dir.mkdir()
+        env = {**os.environ, EVENTS_ENV: "1", ERRORS_ENV: str(errors_dir), "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         command = torchrun_command(spec_file, spec.settings, spec.run_id)
         logger.info("Launching %s", " ".join(command))
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True, bufsize=1, preexec_fn=die_with_parent()
         )
-        errors, tail = _stream(process, progress)
+        tail = _stream(process, progress)
+        errors = _read_errors(errors_dir)
     if process.returncode != 0:
         if errors:
             first = errors[0]
@@ -83,20 +87,18 @@ def launch_torchrun(spec: TrainSpec, progress: Progress | None = None) -> dict:
     return storage.read_json(storage.join(spec.output_url, "train_stats.json"), spec.storage_options)
 
 
-def _stream(process: subprocess.Popen, progress: Progress | None) -> tuple[list[dict], deque]:
-    """Read the workers' output to its end: (their error reports, the last plain lines)."""
-    errors, tail, bar = [], deque(maxlen=40), None
+def _stream(process: subprocess.Popen, progress: Progress | None) -> deque:
+    """Read the workers' output to its end: returns the last plain lines."""
+    tail, bar = deque(maxlen=40), None
     try:
         for line in process.stdout:
-            if line.startswith(EVENT_PREFIX):
-                event = json.loads(line[len(EVENT_PREFIX) :])
+            event, line = _split_event(line)
+            if event is not None:
                 bar = bar or ProgressBar(event["total_steps"], event["step"] - 1, enabled=True)
                 bar.update(event)
                 if progress is not None:
                     progress(event)
-            elif line.startswith(ERROR_PREFIX):
-                errors.append(json.loads(line[len(ERROR_PREFIX) :]))
-            else:
+            if line.strip():
                 tail.append(line)
                 logger.info("%s", line.rstrip())
                 if progress is not None:
@@ -111,16 +113,37 @@ def _stream(process: subprocess.Popen, progress: Progress | None) -> tuple[list[
                 process.kill()
         if bar is not None:
             bar.close()
-    return errors, tail
+    return tail
+
+
+def _split_event(line: str) -> tuple[dict | None, str]:
+    """(the progress event a line starts with, or None; the rest of the line). Another rank's
+    output can land on the same line after the event, so only the event's own JSON is decoded."""
+    if not line.startswith(EVENT_PREFIX):
+        return None, line
+    try:
+        event, end = json.JSONDecoder().raw_decode(line, len(EVENT_PREFIX))
+    except json.JSONDecodeError:
+        return None, line
+    return event, line[end:]
+
+
+def _read_errors(errors_dir: Path) -> list[dict]:
+    """The failing workers' reports, lowest rank first."""
+    reports = [json.loads(path.read_text()) for path in errors_dir.glob("rank-*.json")]
+    return sorted(reports, key=lambda report: report["rank"])
 
 
 def _print_event(event: dict) -> None:
     print(EVENT_PREFIX + json.dumps(event), flush=True)
 
 
-def _print_error(error: Exception) -> None:
-    report = {"rank": int(os.environ.get("RANK", "0")), "type": type(error).__name__, "message": str(error)}
-    print(ERROR_PREFIX + json.dumps(report), flush=True)
+def _write_error(error: Exception) -> None:
+    if ERRORS_ENV not in os.environ:  # a worker started by hand: the traceback is all there is
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    report = {"rank": rank, "type": type(error).__name__, "message": str(error)}
+    storage.write_json_atomic(str(Path(os.environ[ERRORS_ENV]) / f"rank-{rank}.json"), report)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_worker(spec, progress=_print_event, show_bar=False)
     except Exception as error:
-        _print_error(error)
+        _write_error(error)
         raise
 
 
