@@ -112,7 +112,7 @@ def sft(config: SFTConfig = SFTConfig()) -> dict[str, Any]:
         data = ledger.run(validate_task, config.data, config.eval_data, config.data_options, cache, cache_options)
         require_eval_rows(data, config)
         model = ledger.run(import_model_task, config.model, cache, config.trust_remote_code, cache_options)
-        tokenized = ledger.run(tokenize_task, data, model, config.template, cache, cache_options)
+        tokenized = ledger.run(tokenize_task, data, model, config.template, cache, cache_options, config.data_options)
         if config.dry_run:
             print(format_dataset_stats(data.stats, tokenized.stats))
             return _finish(ledger, "dry-run")

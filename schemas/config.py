@@ -62,6 +62,28 @@ class DataOptions(_Section):
         default_factory=dict,
         description="fsspec storage options for the data URLs only (credentials, endpoint, ...); the output and the cache have their own.",
     )
+    shard_rows: int = Field(
+        50_000,
+        ge=1,
+        description="Rows per shard of a JSON Lines file: each shard is validated and tokenized as its own cached unit, so memory "
+        "follows the shard, not the data, and appending a file re-processes only that file. Other files are one shard each.",
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        description="Local processes that validate and tokenize shards at once; 0: one per CPU core. "
+        "A run with one shard to build does it in the flow's own process.",
+    )
+    dask_address: str = Field(
+        "",
+        description="Address of a running Dask scheduler (tcp://host:8786): shards run on its workers through prefect-dask. "
+        "cache_dir must then be storage every worker reaches (s3://, gs://, or one shared path).",
+    )
+
+    def content_settings(self) -> dict[str, Any]:
+        """The options that decide what the validated rows are; where and how the work runs (and
+        with which credentials) does not change them, so it is no part of any key."""
+        return self.model_dump(mode="json", exclude={"storage_options", "shard_rows", "workers", "dask_address"})
 
 
 class TemplateOptions(_Section):

@@ -23,8 +23,14 @@ class ModelArtifact(StageResult):
     tokenizer_hash: str = Field(description="Hash of the tokenizer files, special tokens and chat template.")
 
 
+class ShardArtifact(StageResult):
+    """One shard's cache entry (validated rows, or their tokens): the flow maps the shards over
+    processes or a Dask cluster and hands the stage these records, never the rows."""
+
+
 class DataArtifact(StageResult):
-    """Validated rows in our canonical form (JSONL of {messages, split, source})."""
+    """Validated rows in our canonical form: `uri` is the manifest naming the shards' canonical
+    JSONL files in order and which rows are held out or dropped (tasks/core/rows.read_dataset)."""
 
     report_uri: str = Field(description="Validation report (JSON) with every rejected row.")
 

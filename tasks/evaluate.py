@@ -169,7 +169,7 @@ def eval_samples(data_uri: str, limit: int, storage_options: dict[str, Any] | No
     samples = []
     if limit <= 0:
         return samples
-    for row in rows.read_canonical(data_uri, storage_options):
+    for row in rows.read_dataset(data_uri, storage_options):
         messages = row["messages"]
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if row.get("split") != "eval" or last is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.caching import InputsChangedError
+from tasks.core.shards import ShardChangedError
 from tasks.core.trainer import WorkerError, is_out_of_memory
 
 # OSErrors that say the same thing on every attempt.
@@ -20,7 +21,7 @@ PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError,
 def is_transient(error: BaseException | None) -> bool:
     if error is None or isinstance(error, ValueError):
         return False  # our deterministic errors (data, model source, refused targets) are ValueErrors
-    if isinstance(error, (InputsChangedError, ConnectionError, TimeoutError)):
+    if isinstance(error, (InputsChangedError, ShardChangedError, ConnectionError, TimeoutError)):
         return True
     if (isinstance(error, WorkerError) and error.crashed) or is_out_of_memory(error):
         return True
@@ -31,3 +32,9 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect's `retry_condition_fn`: retry a failed attempt only when its error is transient."""
     error = state.data if isinstance(state.data, BaseException) else None
     return is_transient(error)
+
+
+def retry_transient_shard(task: Any, task_run: Any, state: Any) -> bool:
+    """A shard's: as a stage's, except for a shard whose file changed after it was planned; that
+    plan is stale, so the stage retries instead (it plans again)."""
+    return retry_transient(task, task_run, state) and not isinstance(state.data, ShardChangedError)

@@ -15,13 +15,18 @@ import json
 import logging
 import sys
 import time
-import uuid
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 
-from schemas.config import TemplateOptions
-from schemas.manifests import DataArtifact, ModelArtifact, TokenizedArtifact
+from schemas.config import DataOptions, TemplateOptions
+from schemas.manifests import DataArtifact, ModelArtifact, ShardArtifact, TokenizedArtifact
+from tasks import sharding
 from tasks.artifacts import publisher
 from tasks.caching import content_cache_key
 from tasks.core import formatting, hashing, storage
@@ -29,19 +34,48 @@ from tasks.core import rows as canonical
 from tasks.core.collate import IGNORE_INDEX
 from tasks.core.readers import DataValidationError
 from tasks.core.rows import read_canonical
-from tasks.retrying import retry_transient
+from tasks.retrying import retry_transient, retry_transient_shard
+from tasks.sharding import ShardRunner
 
 logger = logging.getLogger(__name__)
 
 STAGE = "tokenize-and-cache"
+SHARD_STAGE = "tokenize-shard"
 SPLITS = ("train", "eval")
 DROP_REASONS = ("too_long", "no_loss_tokens")
+STATUS_KEPT, STATUS = 0, {"too_long": 1, "no_loss_tokens": 2}  # a shard row's status code, by drop reason
 STATS_FILE = "stats.json"
+TOKENS_FILE = "tokens.arrow"
 CHUNK = 4096  # rows per batched tokenizer call
+TOKEN_IDS = pa.list_(pa.int32())
+STORE_SCHEMA = pa.schema({"input_ids": TOKEN_IDS, "labels": TOKEN_IDS, "length": pa.int32()})  # what training reads
+SHARD_SCHEMA = pa.schema({
+    **dict(zip(STORE_SCHEMA.names, STORE_SCHEMA.types)),
+    "status": pa.int8(), "loss_tokens": pa.int32(), "truncated": pa.bool_(), "reasoning_dropped": pa.int32(), "control_text": pa.int32(),
+})
 
 
 class TokenizeError(DataValidationError):
     """Tokenizing left a split that training or evaluation cannot use (every row dropped)."""
+
+
+@dataclass(frozen=True)
+class RowsShard:
+    """Canonical rows to tokenize as one unit: their JSONL file and the key of their content."""
+
+    url: str
+    key: str
+
+
+def dataset_shards(data: DataArtifact, cache_options: dict[str, Any] | None = None) -> tuple[list[RowsShard], np.ndarray]:
+    """The validated dataset's shards in order, and every row's DROPPED/TRAIN/EVAL code. A single
+    canonical JSONL file (not a manifest) is one shard whose rows carry their own split."""
+    if data.uri.endswith("/" + canonical.MANIFEST_FILE):
+        manifest_shards, selection = canonical.read_selection(data.uri, cache_options)
+        root = canonical.manifest_cache_root(data.uri)
+        return [RowsShard(canonical.shard_rows_url(root, shard["key"]), shard["content_key"]) for shard in manifest_shards], selection
+    codes = [canonical.SPLIT_CODES[row.get("split", "train")] for row in read_canonical(data.uri, cache_options)]
+    return [RowsShard(data.uri, data.key)], np.array(codes, dtype=np.uint8)
 
 
 def tokenize_entry(
@@ -52,14 +86,23 @@ def tokenize_entry(
     return key, storage.join(cache_dir, "tokenized", key)
 
 
+def shard_entry(shard: RowsShard, model: ModelArtifact, options: TemplateOptions, cache_dir: str) -> tuple[str, str]:
+    """(key, url) of one shard's tokens: its rows' content, the tokenizer, the options, the code."""
+    key = hashing.hash_parts("shard", shard.key, model.tokenizer_hash, options.model_dump(mode="json"), CODE_VERSION)
+    return key, storage.join(cache_dir, "tokenized-shards", key)
+
+
 def tokenize_dataset(
     data: DataArtifact,
     model: ModelArtifact,
     options: TemplateOptions,
     cache_dir: str,
     cache_storage_options: dict[str, Any] | None = None,
+    workers: int = 1,
+    runner: ShardRunner | None = None,
 ) -> TokenizedArtifact:
-    """Tokenize the validated rows with token-exact loss masks, or reuse the entry under their key.
+    """Tokenize the validated rows with token-exact loss masks, shard by shard (`workers` at a time,
+    or on `runner`), and assemble the train/eval store; or reuse the store under their key.
     `cache_storage_options` reach every read and write under `cache_dir` (never the key)."""
     started = time.perf_counter()
     cache = cache_storage_options
@@ -68,70 +111,167 @@ def tokenize_dataset(
         stats = read_entry(url, cache)
         if stats is not None:
             logger.info("tokenize: reusing %s (%.2f s)", url, time.perf_counter() - started)
+            stats["shards"]["built"] = 0
             return TokenizedArtifact(stage=STAGE, uri=url, key=key, stats=stats, store_hit=True)
         logger.warning("tokenize: entry %s is unreadable; rebuilding it", url)
     rebuild = storage.exists(url, cache)  # a half-written or corrupt entry is replaced, a finished one never
-    tokenizer = formatting.load_tokenizer(storage.local_copy(model.uri, cache))
-    datasets_by_split, stats = build_splits(list(read_canonical(data.uri, cache)), tokenizer, options)
-    require_rows(stats, options)
-    stats["seconds"] = round(time.perf_counter() - started, 3)
-    publish_entry(url, datasets_by_split, stats, replace=rebuild, storage_options=cache)
-    logger.info("tokenize: wrote %s in %.2f s", url, stats["seconds"])
+    rows_shards, selection = dataset_shards(data, cache)
+    done = [storage.is_complete(shard_entry(shard, model, options, cache_dir)[1], cache) for shard in rows_shards]
+    work = sharding.Work(
+        pending_bytes=sum(storage.size(shard.url, cache) for shard, finished in zip(rows_shards, done) if not finished),
+        private=sharding.process_private(data.uri) or sharding.process_private(model.uri),
+    )
+    runner = runner or sharding.local_runner(workers, cache_dir)
+    token_shards = runner(tokenize_shard, rows_shards, done, work, model=model, options=options, cache_dir=cache_dir, cache_storage_options=cache)
+    stats = assemble(url, key, token_shards, selection, options, rebuild, cache)
+    stats["shards"]["built"] = sum(not shard.store_hit for shard in token_shards)
+    logger.info("tokenize: wrote %s in %.2f s (%d of %d shards tokenized)", url, time.perf_counter() - started,
+                stats["shards"]["built"], len(token_shards))
     return TokenizedArtifact(stage=STAGE, uri=url, key=key, stats=stats, store_hit=False)
 
 
-def build_splits(rows: list[dict[str, Any]], tokenizer, options: TemplateOptions) -> tuple[dict, dict[str, Any]]:
-    """Encode the rows (batched, CHUNK rows per tokenizer call); per split a Dataset of the kept
-    rows and its statistics. Each chunk goes to compact Arrow arrays at once, so memory stays
-    proportional to the tokens, not to Python objects per token."""
+# --- one shard ---------------------------------------------------------------------------------
+
+
+def tokenize_shard(
+    shard: RowsShard, model: ModelArtifact, options: TemplateOptions, cache_dir: str, cache_storage_options: dict[str, Any] | None = None
+) -> ShardArtifact:
+    """Encode every row of one shard, CHUNK rows per tokenizer call, into an Arrow file: the tokens
+    of the kept rows and, for every row, what the statistics count (kept or why dropped, lengths)."""
+    key, url = shard_entry(shard, model, options, cache_dir)
+    if storage.is_complete(url, cache_storage_options):
+        return ShardArtifact(stage=SHARD_STAGE, uri=url, key=key, store_hit=True)
+    tokenizer = formatting.load_tokenizer(storage.local_copy(model.uri, cache_storage_options))
+    summary = {"template": formatting.template_kind(tokenizer, options), "rendering": formatting.rendering_summary(tokenizer, options)}
+    with storage.atomic_directory(url, cache_storage_options, replace=True) as scratch:
+        with pa.OSFile(str(scratch / TOKENS_FILE), "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
+            summary["rows"] = 0
+            for batch in _encoded_batches(read_canonical(shard.url, cache_storage_options), tokenizer, options):
+                writer.write_batch(batch)
+                summary["rows"] += batch.num_rows
+        (scratch / STATS_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    return ShardArtifact(stage=SHARD_STAGE, uri=url, key=key, stats={"rows": summary["rows"]})
+
+
+def _encoded_batches(rows: Iterator[dict[str, Any]], tokenizer, options: TemplateOptions) -> Iterator[pa.RecordBatch]:
+    for number, chunk in enumerate(_chunks(rows, CHUNK)):
+        sources = [row.get("source") or f"row {number * CHUNK + i}" for i, row in enumerate(chunk)]
+        results = formatting.encode_batch([row["messages"] for row in chunk], tokenizer, options, sources, [row.get("tools") for row in chunk])
+        yield _batch(results)
+
+
+def _chunks(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _batch(results: list) -> pa.RecordBatch:
+    """One record batch a chunk: dropped rows keep their place with no tokens, so that row i of
+    the shard is row i of the validated shard whatever the tokenizer did."""
+    kept = [isinstance(result, formatting.EncodedExample) for result in results]
+    ids = [result.input_ids if keep else [] for result, keep in zip(results, kept)]
+    labels = [result.labels if keep else [] for result, keep in zip(results, kept)]
+    columns = {
+        "input_ids": ids,
+        "labels": labels,
+        "length": [len(row) if keep else result.length for row, result, keep in zip(ids, results, kept)],
+        "status": [STATUS_KEPT if keep else STATUS[result.reason] for result, keep in zip(results, kept)],
+        "loss_tokens": [len(row) - row.count(IGNORE_INDEX) for row in labels],
+        "truncated": [keep and result.truncated for result, keep in zip(results, kept)],
+        "reasoning_dropped": [result.reasoning_dropped for result in results],
+        "control_text": [result.control_text for result in results],
+    }
+    return pa.RecordBatch.from_pydict(columns, schema=SHARD_SCHEMA)
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+def assemble(
+    url: str, key: str, shards: list[ShardArtifact], selection: np.ndarray, options: TemplateOptions, replace: bool,
+    cache_options: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Write the train/eval DatasetDict from the shards' kept rows (one shard in memory at a time)
+    with its statistics, exactly those of one pass over every row."""
+    summary = storage.read_json(storage.join(shards[0].uri, STATS_FILE), cache_options)
+    stats: dict[str, Any] = {"template": summary["template"], "rendering": summary["rendering"]}
+    parts: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    try:
+        with storage.atomic_directory(url, cache_options, replace=replace) as scratch:
+            writers, schemas = {}, {}
+            for split in SPLITS:
+                writers[split], schemas[split] = _split_writer(scratch, split, key)
+            offset = 0
+            for shard in shards:
+                table = _read_tokens(shard.uri, cache_options)
+                codes = selection[offset : offset + table.num_rows]
+                offset += table.num_rows
+                for split in SPLITS:
+                    chosen = table.filter(pa.array(codes == canonical.SPLIT_CODES[split]))
+                    parts[split].append(split_stats(chosen))
+                    kept = chosen.filter(pc.equal(chosen.column("status"), STATUS_KEPT))
+                    writers[split].write_table(kept.select(list(STORE_SCHEMA.names)).cast(schemas[split]))
+            for writer in writers.values():
+                writer.close()
+            stats.update({split: merge_stats(parts[split]) for split in SPLITS}, shards={"total": len(shards)})
+            require_rows(stats, options)
+            (scratch / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}))
+            (scratch / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    except OSError:
+        # Two rebuilds racing on one key: the other one's swap can make ours fail; its entry is fine.
+        if read_entry(url, cache_options) is None:
+            raise
+        stats = read_entry(url, cache_options)
+    return stats
+
+
+def _read_tokens(url: str, cache_options: dict[str, Any] | None) -> pa.Table:
+    path = storage.local_copy(url, cache_options) / TOKENS_FILE
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()  # memory-mapped: pages come and go
+
+
+def _split_writer(scratch: Path, split: str, key: str) -> tuple[pa.ipc.RecordBatchStreamWriter, pa.Schema]:
+    """A split folder as `datasets.save_to_disk` writes it (its metadata written by datasets from an
+    empty table), with a stream writer for the one Arrow file that the rows are appended to."""
     import datasets
-    import pyarrow as pa
 
-    ids_type = pa.list_(pa.int32())
-    arrays = {split: {"input_ids": [], "labels": [], "length": []} for split in SPLITS}
-    results_by_split: dict[str, list] = {split: [] for split in SPLITS}
-    for begin in range(0, len(rows), CHUNK):
-        chunk = rows[begin : begin + CHUNK]
-        sources = [row.get("source") or f"row {begin + i}" for i, row in enumerate(chunk)]
-        tools = [row.get("tools") for row in chunk]
-        results = formatting.encode_batch([row["messages"] for row in chunk], tokenizer, options, sources, tools)
-        for split in SPLITS:
-            chosen = [result for row, result in zip(chunk, results) if row.get("split", "train") == split]
-            kept = [result for result in chosen if isinstance(result, formatting.EncodedExample)]
-            arrays[split]["input_ids"].append(pa.array([example.input_ids for example in kept], type=ids_type))
-            arrays[split]["labels"].append(pa.array([example.labels for example in kept], type=ids_type))
-            arrays[split]["length"].append(pa.array([len(example.input_ids) for example in kept], type=pa.int32()))
-            results_by_split[split].append(split_stats(chosen))
-    splits, stats = {}, {"template": formatting.template_kind(tokenizer, options), "rendering": formatting.rendering_summary(tokenizer, options)}
-    for split in SPLITS:
-        columns = {name: pa.chunked_array(chunks, type=ids_type if name != "length" else pa.int32())
-                   for name, chunks in arrays[split].items()}
-        # An explicit fingerprint skips datasets' dill-based hashing of the in-memory table: it is
-        # slow, and under Prefect's log_prints it dumps bytecode into the run log.
-        splits[split] = datasets.Dataset(pa.table(columns), fingerprint=uuid.uuid4().hex)
-        stats[split] = merge_stats(results_by_split[split])
-    return splits, stats
+    folder = scratch / split
+    fingerprint = hashing.hash_parts(key, split)[:16]  # the same rows, the same bytes: no random fingerprint
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a bar for an empty table is noise in the run log
+    try:
+        datasets.Dataset(STORE_SCHEMA.empty_table(), fingerprint=fingerprint).save_to_disk(str(folder), num_shards=1)
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+    data_file = folder / json.loads((folder / "state.json").read_text())["_data_files"][0]["filename"]
+    with pa.memory_map(str(data_file)) as source:
+        schema = pa.ipc.open_stream(source).schema  # with datasets' feature metadata
+    return pa.ipc.new_stream(str(data_file), schema), schema
 
 
-def split_stats(results: list) -> dict[str, Any]:
-    """Counts for one split (or one chunk of it)."""
-    kept = [result for result in results if isinstance(result, formatting.EncodedExample)]
-    lengths = [len(example.input_ids) for example in kept]
-    dropped = {reason: 0 for reason in DROP_REASONS}
-    for result in results:
-        if isinstance(result, formatting.Dropped):
-            dropped[result.reason] += 1
+def split_stats(table: pa.Table) -> dict[str, Any]:
+    """Counts for the rows of one split in one shard."""
+    status = table.column("status").to_numpy()
+    lengths = table.column("length").to_numpy()
+    kept = status == STATUS_KEPT
     return {
-        "rows": len(results),
-        "kept": len(kept),
-        "dropped": dropped,
-        "truncated": sum(example.truncated for example in kept),
-        "reasoning_dropped": sum(result.reasoning_dropped for result in results),
-        "control_text": sum(result.control_text for result in results),
-        "tokens": sum(lengths),
-        "loss_tokens": sum(len(example.labels) - example.labels.count(IGNORE_INDEX) for example in kept),
-        "max_length": max(lengths, default=0),
-        "longest_dropped": max((result.length for result in results if isinstance(result, formatting.Dropped)), default=0),
+        "rows": table.num_rows,
+        "kept": int(kept.sum()),
+        "dropped": {reason: int((status == code).sum()) for reason, code in STATUS.items()},
+        "truncated": int(pc.sum(table.column("truncated")).as_py() or 0),
+        "reasoning_dropped": int(pc.sum(table.column("reasoning_dropped")).as_py() or 0),
+        "control_text": int(pc.sum(table.column("control_text")).as_py() or 0),
+        "tokens": int(lengths[kept].sum()),
+        "loss_tokens": int(table.column("loss_tokens").to_numpy()[kept].sum()),
+        "max_length": int(lengths[kept].max(initial=0)),
+        "longest_dropped": int(lengths[~kept].max(initial=0)),
     }
 
 
@@ -180,24 +320,6 @@ def _empty_split_message(split: str, figures: dict[str, Any], options: TemplateO
     )
 
 
-def publish_entry(url: str, splits: dict, stats: dict[str, Any], replace: bool, storage_options: dict[str, Any] | None = None) -> None:
-    """Write the DatasetDict and stats.json to scratch and rename them into place.
-
-    Two runs building the same key both write complete, identical entries: with replace=False the
-    second one finds the first published and discards its own copy."""
-    import datasets
-
-    try:
-        with storage.atomic_directory(url, storage_options, replace=replace) as scratch:
-            empty = {name: 1 for name, split in splits.items() if split.num_rows == 0}  # 0 shards would not load
-            datasets.DatasetDict(splits).save_to_disk(str(scratch), num_shards=empty or None)
-            (scratch / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
-    except OSError:
-        # Two rebuilds racing on one key: the other one's swap can make ours fail; its entry is fine.
-        if read_entry(url, storage_options) is None:
-            raise
-
-
 def read_entry(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The entry's statistics, or None when it cannot be loaded or does not match them."""
     import datasets
@@ -220,6 +342,20 @@ CODE_VERSION = hashing.code_version(sys.modules[__name__], formatting, canonical
 
 
 @task(
+    name=SHARD_STAGE,
+    cache_key_fn=content_cache_key(shard_entry, "cache_storage_options"),
+    persist_result=True,
+    retries=2,
+    retry_condition_fn=retry_transient_shard,
+    retry_delay_seconds=[2, 10],
+)
+def tokenize_shard_task(
+    shard: RowsShard, model: ModelArtifact, options: TemplateOptions, cache_dir: str, cache_storage_options: dict[str, Any] | None = None
+) -> ShardArtifact:
+    return tokenize_shard(shard, model, options, cache_dir, cache_storage_options)
+
+
+@task(
     name=STAGE,
     cache_key_fn=content_cache_key(tokenize_entry, "cache_storage_options"),
     persist_result=True,
@@ -233,8 +369,12 @@ def tokenize_task(
     options: TemplateOptions,
     cache_dir: str,
     cache_storage_options: dict[str, Any] | None = None,
+    data_options: DataOptions | None = None,
 ) -> TokenizedArtifact:
-    result = tokenize_dataset(data, model, options, cache_dir, cache_storage_options)
+    """The stage; its shards are task runs of their own (tokenize-shard), placed by `data_options`
+    (workers, dask_address), which are no part of the key."""
+    runner = sharding.prefect_runner(tokenize_shard_task, data_options or DataOptions(), cache_dir)
+    result = tokenize_dataset(data, model, options, cache_dir, cache_storage_options, runner=runner)
     publish_tokenize_stats(result)
     return result
 

@@ -17,33 +17,42 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import fsspec
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 from prefect import task
 
 import schemas.data as data_schema
 from schemas.config import DataOptions
-from schemas.manifests import DataArtifact
+from schemas.manifests import DataArtifact, ShardArtifact
+from tasks import sharding
 from tasks.artifacts import publisher
 from tasks.caching import content_cache_key, ensure_record_matches
-from tasks.core import readers, storage
+from tasks.core import readers, shards, storage
 from tasks.core import rows as canonical
 from tasks.core.hashing import code_version, hash_bytes, hash_parts
-from tasks.core.readers import (  # DataValidationError stays importable from here (flows, tests)
-    DataValidationError, FileProblem, LoadedFile, Source, hash_stream, load_source, read_source, resolve_sources,
+from tasks.core.readers import DataValidationError, FileProblem, LoadedFile, Source, resolve_sources  # noqa: F401 - flows, tests
+from tasks.core.rows import (
+    DIGEST_BYTES, DROPPED, EVAL, MANIFEST_FILE, SELECTION_FILE, SHARD_ROWS_FILE, SPLIT_CODES, TRAIN, Row, digest_fractions, hash_split,
+    write_canonical,
 )
-from tasks.core.rows import Row, assign_splits, content_key, eval_in_train, find_duplicates, write_canonical
-from tasks.retrying import retry_transient
+from tasks.core.shards import ShardSpec
+from tasks.retrying import retry_transient, retry_transient_shard
+from tasks.sharding import ShardRunner
 
 STAGE = "validate-data"
-# Every module whose code changes the validated rows: readers parse them, rows splits and writes them.
-CODE_VERSION = code_version(sys.modules[__name__], data_schema, readers, canonical)
+SHARD_STAGE = "validate-shard"
+SHARD_FILE = "shard.json"
+# Every module whose code changes the validated rows: readers parse them, shards cut the files and
+# number their rows, rows splits and writes them.
+CODE_VERSION = code_version(sys.modules[__name__], data_schema, readers, shards, canonical)
 MESSAGE_ROWS = 20  # failing rows quoted in the error; the report file has all of them
 STAT_FIELDS = (
     "rows_read", "rows_kept", "train_rows", "eval_rows", "eval_rows_in_train", "rows_dropped", "dropped_by_reason", "duplicates", "chars",
@@ -63,29 +72,27 @@ def _sources(data: list[str], eval_data: list[str], options: DataOptions) -> lis
     return resolve_sources(data, eval_data, options.storage_options, options.hf_split)
 
 
-def _hub_hash(source: Source) -> str:
-    return hash_parts("hub", source.url, source.hub_split)  # a hub dataset is keyed by its id and split
+def plan(data: list[str], eval_data: list[str], options: DataOptions) -> list[ShardSpec]:
+    """Every input cut into shards (JSON Lines: `shard_rows` rows each), each keyed by its bytes."""
+    return shards.plan_shards(_sources(data, eval_data, options), options.storage_options, options.shard_rows)
 
 
-def _source_hash(source: Source, raw: bytes | None) -> str:
-    return _hub_hash(source) if source.hub_split else hash_bytes(raw)
+def shard_entry(spec: ShardSpec, options: DataOptions, cache_dir: str) -> tuple[str, str]:
+    """(key, url) of one shard's validated rows: its bytes, where they sit in their file, the
+    options that shape rows and the code that does (CODE_VERSION)."""
+    key = hash_parts(spec.identity(), options.content_settings(), CODE_VERSION)
+    return key, storage.join(cache_dir, "validated-shards", key)
 
 
-def _entry(sources: list[Source], hashes: list[str], options: DataOptions, cache_dir: str) -> tuple[str, str]:
-    # Credentials and endpoints say where the bytes are, not what they are: not part of the key.
-    settings = options.model_dump(mode="json", exclude={"storage_options"})
-    inputs = [[source.split, digest] for source, digest in zip(sources, hashes)]
-    key = hash_parts(inputs, settings, CODE_VERSION)
+def _entry(specs: list[ShardSpec], options: DataOptions, cache_dir: str) -> tuple[str, str]:
+    key = hash_parts("dataset", [shard_entry(spec, options, cache_dir)[0] for spec in specs])
     return key, storage.join(cache_dir, "validated", key)
 
 
 def validate_entry(data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str) -> tuple[str, str]:
-    """(key, url) of the cache entry: the key hashes every input's bytes in order (a hub dataset:
-    its id and split), the options and the code that shapes the rows (CODE_VERSION). Streams the
-    files (Prefect's cache key)."""
-    sources = _sources(data, eval_data, options)
-    hashes = [_hub_hash(source) if source.hub_split else hash_stream(source, options.storage_options) for source in sources]
-    return _entry(sources, hashes, options, cache_dir)
+    """(key, url) of the dataset's entry (Prefect's cache key): the shards' keys in order. Streams
+    the files once to hash them."""
+    return _entry(plan(data, eval_data, options), options, cache_dir)
 
 
 # --- checking ----------------------------------------------------------------------------------
@@ -115,14 +122,14 @@ class CheckedFile:
 
 def check_file(loaded: LoadedFile, options: DataOptions) -> CheckedFile:
     """Run the format's pandera schema on every row of one file (lazily: every failure at once)."""
-    objects = {row: value for row, value in enumerate(loaded.rows) if isinstance(value, dict)}
+    objects = {row: value for row, value in zip(loaded.row_numbers, loaded.rows) if isinstance(value, dict)}
     if not objects:
-        raise FileProblem(f"rows must be objects with named fields, row 0 is a {type(loaded.rows[0]).__name__}")
+        raise FileProblem(f"rows must be objects with named fields, row {loaded.first_row} is a {type(loaded.rows[0]).__name__}")
     frame = _rename(_frame(objects), options.column_mapping)
     format_name = options.format if options.format != "auto" else _detect(frame)
     not_objects = [
         _failure(loaded, row, "(row)", "not_an_object", f"expected an object with named fields, got {type(value).__name__}")
-        for row, value in enumerate(loaded.rows)
+        for row, value in zip(loaded.row_numbers, loaded.rows)
         if row not in objects
     ]
     failures = not_objects + _schema_failures(loaded, frame, format_name, options)
@@ -288,61 +295,176 @@ def _usage(rows: list[Row], unused: Counter[str]) -> dict[str, Any]:
     }
 
 
+# --- one shard ---------------------------------------------------------------------------------
+
+
+def validate_shard(
+    spec: ShardSpec, options: DataOptions, cache_dir: str, cache_storage_options: dict[str, Any] | None = None
+) -> ShardArtifact:
+    """Check and canonicalise one shard; publish its rows, their compact index and its summary.
+
+    A shard that cannot be read at all, or holds invalid rows, is published too (what is wrong
+    with given bytes never changes): the dataset step reports every shard's problems at once."""
+    key, url = shard_entry(spec, options, cache_dir)
+    if storage.is_complete(url, cache_storage_options):
+        return _shard_artifact(url, key, storage.read_json(storage.join(url, SHARD_FILE), cache_storage_options), store_hit=True)
+    summary = {"file": spec.source.name, "split": spec.source.split, "first_row": spec.row_start, "format": None, "rows_read": 0,
+               "problem": None, "failures": []}
+    rows: list[Row] = []
+    try:
+        checked = check_file(shards.read_shard(spec, options.storage_options), options)
+    except FileProblem as exc:
+        summary["problem"] = f"{spec.source.name}: {exc}"
+    else:
+        rows, unused = canonical_rows(checked)
+        summary.update(
+            format=checked.format, rows_read=len(checked.loaded.rows), failures=[vars(failure) for failure in checked.failures],
+            dropped_by_reason=_dropped_by_reason(checked.failures), **_usage(rows, unused),
+        )
+    summary.update(valid_rows=len(rows), content_key=hash_bytes(b"".join(row.digest for row in rows)))
+    with storage.atomic_directory(url, cache_storage_options) as scratch:
+        write_canonical(scratch / SHARD_ROWS_FILE, rows)
+        _write_index(scratch, rows)
+        (scratch / SHARD_FILE).write_text(json.dumps(summary, ensure_ascii=False) + "\n", encoding="utf-8")
+    return _shard_artifact(url, key, summary, store_hit=False)
+
+
+def _write_index(folder: Path, rows: list[Row]) -> None:
+    """What the dataset step needs of every row, 32 bytes a row: its digest, file row and length."""
+    np.save(folder / "digests.npy", np.array([row.digest for row in rows], dtype=f"S{DIGEST_BYTES}"))
+    np.save(folder / "file_rows.npy", np.array([int(row.source.rsplit(":", 1)[1]) for row in rows], dtype=np.int64))
+    np.save(folder / "chars.npy", np.array([row.chars for row in rows], dtype=np.int64))
+
+
+def _read_index(url: str, cache_options: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    index = {}
+    for name in ("digests", "file_rows", "chars"):
+        with fsspec.open(storage.join(url, f"{name}.npy"), "rb", **(cache_options or {})) as handle:
+            index[name] = np.load(handle)
+    return index
+
+
+def _shard_artifact(url: str, key: str, summary: dict[str, Any], store_hit: bool) -> ShardArtifact:
+    stats = {name: summary[name] for name in ("file", "split", "format", "rows_read", "valid_rows", "content_key")}
+    return ShardArtifact(stage=SHARD_STAGE, uri=url, key=key, stats=stats, store_hit=store_hit)
+
+
 # --- the stage ---------------------------------------------------------------------------------
 
 
 def validate_data(
-    data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str, cache_storage_options: dict[str, Any] | None = None
+    data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str, cache_storage_options: dict[str, Any] | None = None,
+    workers: int = 1, runner: ShardRunner | None = None,
 ) -> DataArtifact:
-    """Read, check and canonicalise the data; publish data.jsonl + report.json under its key.
-    `cache_storage_options` are the fsspec options of `cache_dir` (never part of the key)."""
-    sources = _sources(data, eval_data, options)
-    # Each file is read once: the key hashes exactly the bytes that are parsed, so a file that
-    # changes during the run can never be stored under its old content's key.
-    raws = [read_source(source, options.storage_options) for source in sources]
-    key, url = _entry(sources, [_source_hash(source, raw) for source, raw in zip(sources, raws)], options, cache_dir)
+    """Read, check and canonicalise the data, shard by shard, `workers` shards at a time (or on
+    `runner`); publish the dataset's manifest and report under its key. `cache_storage_options`
+    are the fsspec options of `cache_dir` (never part of any key)."""
+    specs = plan(data, eval_data, options)
+    key, url = _entry(specs, options, cache_dir)
     if storage.is_complete(url, cache_storage_options):
-        return _artifact(url, storage.read_json(storage.join(url, "report.json"), cache_storage_options), store_hit=True)
-    checked = _check_all(sources, raws, options, cache_dir, key, cache_storage_options)
-    mapped = [canonical_rows(file) for file in checked]
-    rows = [row for file_rows, _ in mapped for row in file_rows]
-    usage = _usage(rows, sum((unused for _, unused in mapped), Counter()))
-    duplicates = find_duplicates(rows)
-    if options.dedupe:
-        dropped = {id(duplicate) for duplicate, _ in duplicates}
-        rows = [row for row in rows if id(row) not in dropped]
-    assign_splits(rows, options.eval_fraction, has_eval_files=any(source.split == "eval" for source in sources))
-    overlap = eval_in_train(rows)
-    _warn_overlap(overlap, rows)
-    report = _report(key, checked, rows, duplicates, overlap, usage, options)
+        report = storage.read_json(storage.join(url, "report.json"), cache_storage_options)
+        return _artifact(url, report, {"total": len(specs), "built": 0}, store_hit=True)
+    runner = runner or sharding.local_runner(workers, cache_dir)
+    done = [storage.is_complete(shard_entry(spec, options, cache_dir)[1], cache_storage_options) for spec in specs]
+    work = sharding.Work(
+        pending_bytes=sum(spec.size for spec, finished in zip(specs, done) if not finished),
+        private=any(sharding.process_private(spec.source.url) for spec in specs),
+    )
+    shard_results = runner(validate_shard, specs, done, work, options=options, cache_dir=cache_dir, cache_storage_options=cache_storage_options)
+    return merge_shards(key, url, specs, shard_results, options, cache_dir, cache_storage_options)
+
+
+def merge_shards(
+    key: str, url: str, specs: list[ShardSpec], shard_results: list[ShardArtifact], options: DataOptions, cache_dir: str,
+    cache_options: dict[str, Any] | None,
+) -> DataArtifact:
+    """The shards as one dataset: every problem at once, duplicates across shards (by digest), the
+    hash split, the report exactly as one pass over all rows would make it."""
+    summaries = [storage.read_json(storage.join(shard.uri, SHARD_FILE), cache_options) for shard in shard_results]
+    _raise_problems(key, summaries, options, cache_dir, cache_options)
+    indexes = [_read_index(shard.uri, cache_options) for shard in shard_results]
+    digests = np.concatenate([index["digests"] for index in indexes]) if indexes else np.array([], dtype=f"S{DIGEST_BYTES}")
+    has_eval_files = any(spec.source.split == "eval" for spec in specs)
+    source_splits = np.concatenate([np.full(len(index["digests"]), SPLIT_CODES[s["split"]], np.uint8) for index, s in zip(indexes, summaries)])
+    first, same_as = _first_occurrences(digests)
+    keep = first if options.dedupe else np.ones(len(digests), dtype=bool)
+    selection = np.zeros(len(digests), dtype=np.uint8)
+    if has_eval_files:
+        selection[keep] = source_splits[keep]
+    else:
+        held = hash_split(digest_fractions(digests[keep]).tolist(), options.eval_fraction)
+        selection[keep] = np.where(np.array(held, dtype=bool), EVAL, TRAIN)
+    labels = _RowLabels(summaries, indexes)
+    overlap = _eval_in_train(digests, selection)
+    _warn_overlap([(labels[row], labels[same]) for row, same in overlap], int((selection == EVAL).sum()))
+    report = _report(key, summaries, indexes, selection, first, same_as, overlap, labels, options, has_eval_files)
     if not report["train_rows"]:
+        files = ", ".join(dict.fromkeys(summary["file"] for summary in summaries if summary["split"] == "train"))
         raise DataValidationError(
-            f"no training rows left: {report['rows_read']} read, dropped {report['dropped_by_reason']} (inputs: {', '.join(data)})"
+            f"no training rows left: {report['rows_read']} read, dropped {report['dropped_by_reason']} (inputs: {files})"
         )
-    return _publish(url, rows, report, cache_storage_options)
+    report["content_key"] = hash_bytes(digests[keep].tobytes() + selection[keep].tobytes())
+    manifest = {"shards": [{"key": shard.key, "content_key": s["content_key"], "rows": int(s["valid_rows"])}
+                           for shard, s in zip(shard_results, summaries)]}
+    with storage.atomic_directory(url, cache_options) as scratch:
+        (scratch / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+        np.save(scratch / SELECTION_FILE, selection)
+        (scratch / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    logger.info("validated %s rows (%s train, %s eval), dropped %s", report["rows_kept"], report["train_rows"], report["eval_rows"], report["rows_dropped"])
+    built = sum(not shard.store_hit for shard in shard_results)
+    return _artifact(url, report, {"total": len(shard_results), "built": built}, store_hit=False)
 
 
-def _check_all(
-    sources: list[Source], raws: list[bytes | None], options: DataOptions, cache_dir: str, key: str, cache_options: dict[str, Any] | None
-) -> list[CheckedFile]:
-    """Every file parsed and checked; raises once, naming every bad file and (policy 'fail') row."""
-    checked, problems = [], []
-    for i, source in enumerate(sources):
-        raw, raws[i] = raws[i], None  # each file's bytes are dropped once its rows are parsed
-        try:
-            checked.append(check_file(load_source(source, raw), options))
-        except FileProblem as exc:
-            problems.append(f"{source.name}: {exc}")
-    failures = [failure for file in checked for failure in file.failures]
+def _first_occurrences(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(whether each row is the first with its digest, the index of that first row)."""
+    _, first_index, inverse = np.unique(digests, return_index=True, return_inverse=True)
+    same_as = first_index[inverse]
+    return same_as == np.arange(len(digests)), same_as
+
+
+def _eval_in_train(digests: np.ndarray, selection: np.ndarray) -> list[tuple[int, int]]:
+    """(eval row, first training row with the same content) for every such eval row."""
+    eval_rows = np.flatnonzero(selection == EVAL)
+    train_rows = np.flatnonzero(selection == TRAIN)
+    inside = np.isin(digests[eval_rows], digests[train_rows])
+    if not inside.any():
+        return []
+    first_train: dict[bytes, int] = {}
+    for row in train_rows[np.isin(digests[train_rows], digests[eval_rows[inside]])]:
+        first_train.setdefault(digests[row], int(row))
+    return [(int(row), first_train[digests[row]]) for row in eval_rows[inside]]
+
+
+class _RowLabels:
+    """`<file>:<row>` of a dataset row by its position, without a string per row."""
+
+    def __init__(self, summaries: list[dict[str, Any]], indexes: list[dict[str, np.ndarray]]):
+        self.files = [summary["file"] for summary in summaries]
+        self.starts = np.cumsum([0] + [len(index["file_rows"]) for index in indexes])
+        self.file_rows = indexes
+
+    def __getitem__(self, position: int) -> str:
+        shard = int(np.searchsorted(self.starts, position, side="right")) - 1
+        return f"{self.files[shard]}:{int(self.file_rows[shard]['file_rows'][position - self.starts[shard]])}"
+
+
+def _raise_problems(key: str, summaries: list[dict[str, Any]], options: DataOptions, cache_dir: str, cache_options: dict[str, Any] | None) -> None:
+    """Raise once, naming every bad file and (policy 'fail') row."""
+    problems = [summary["problem"] for summary in summaries if summary["problem"]]
+    failures = [RowFailure(**failure) for summary in summaries for failure in summary["failures"]]
+    formats = {}
+    for summary in summaries:
+        if summary["format"] and formats.setdefault(summary["file"], summary["format"]) != summary["format"]:
+            problems.append(f"{summary['file']}: rows from {summary['first_row']} look like {summary['format']}, earlier rows like "
+                            f"{formats[summary['file']]}; set data_options.format")
     if problems or (failures and options.on_invalid == "fail"):
         rejected = failures if options.on_invalid == "fail" else []
-        report = _failure_report(key, checked, problems, rejected, cache_dir, cache_options)
+        report = _failure_report(key, summaries, problems, rejected, cache_dir, cache_options)
         raise DataValidationError(_error_message(problems, rejected, report))
-    return checked
 
 
 def _failure_report(
-    key: str, checked: list[CheckedFile], problems: list[str], failures: list[RowFailure], cache_dir: str,
+    key: str, summaries: list[dict[str, Any]], problems: list[str], failures: list[RowFailure], cache_dir: str,
     cache_options: dict[str, Any] | None,
 ) -> str | None:
     if not failures:
@@ -351,7 +473,7 @@ def _failure_report(
     storage.write_json_atomic(url, {
         "key": key,
         "status": "failed",
-        "files": _file_summaries(checked),
+        "files": _file_summaries(summaries),
         "file_problems": problems,
         "invalid_rows": [vars(failure) for failure in failures],
     }, cache_options)
@@ -369,100 +491,105 @@ def _error_message(problems: list[str], failures: list[RowFailure], report_url: 
     return "\n".join(lines)
 
 
-def _warn_overlap(overlap: list[tuple[Row, Row]], rows: list[Row]) -> None:
+def _warn_overlap(overlap: list[tuple[str, str]], eval_rows: int) -> None:
     if not overlap:
         return
-    files = sorted({row.source.rsplit(":", 1)[0] for row, _ in overlap})
+    files = sorted({row.rsplit(":", 1)[0] for row, _ in overlap})
     logger.warning(
         "%d of %d eval row(s) are also training rows (same messages), from %s: the eval loss on them measures memorisation. "
         "Remove them from the eval data, or set data_options.dedupe to drop them (report.json lists them under eval_rows_in_train_rows)",
-        len(overlap), sum(row.split == "eval" for row in rows), ", ".join(files),
+        len(overlap), eval_rows, ", ".join(files),
     )
 
 
 # --- report and publication --------------------------------------------------------------------
 
 
-def _file_summaries(checked: list[CheckedFile]) -> list[dict[str, Any]]:
-    return [
-        {"file": file.loaded.source.name, "split": file.loaded.source.split, "format": file.format, "rows": len(file.loaded.rows)}
-        for file in checked
-    ]
+def _file_summaries(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line a file (its shards added up), in input order."""
+    files: dict[str, dict[str, Any]] = {}
+    for summary in summaries:
+        entry = files.setdefault(summary["file"], {"file": summary["file"], "split": summary["split"], "format": summary["format"], "rows": 0})
+        entry["rows"] += summary["rows_read"]
+    return [entry for entry in files.values() if entry["format"] is not None]
 
 
-def _dropped_by_reason(checked: list[CheckedFile]) -> dict[str, int]:
+def _dropped_by_reason(failures: list[RowFailure]) -> dict[str, int]:
     """Each dropped row counted once, under its first failure."""
-    counts: dict[str, int] = {}
-    for file in checked:
-        first: dict[int, str] = {}
-        for failure in file.failures:
-            first.setdefault(failure.row, failure.check)
-        for reason in first.values():
-            counts[reason] = counts.get(reason, 0) + 1
-    return counts
+    first: dict[int, str] = {}
+    for failure in failures:
+        first.setdefault(failure.row, failure.check)
+    return dict(Counter(first.values()))
 
 
-def _chars(rows: list[Row]) -> dict[str, float]:
-    lengths = sorted(row.chars for row in rows)
-    if not lengths:
+def _chars(lengths: np.ndarray) -> dict[str, float]:
+    """The same figures `statistics` gives on the sorted lengths (an int median for an odd count)."""
+    if not len(lengths):
         return {}
+    lengths = np.sort(lengths)
+    middle = len(lengths) // 2
+    median = int(lengths[middle]) if len(lengths) % 2 else (int(lengths[middle - 1]) + int(lengths[middle])) / 2
+    total = int(lengths.sum())
     return {
-        "min": lengths[0],
-        "max": lengths[-1],
-        "mean": round(statistics.fmean(lengths), 1),
-        "median": statistics.median(lengths),
-        "p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],
-        "total": sum(lengths),
+        "min": int(lengths[0]),
+        "max": int(lengths[-1]),
+        "mean": round(total / len(lengths), 1),
+        "median": median,
+        "p95": int(lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]),
+        "total": total,
     }
 
 
+def _summed(summaries: list[dict[str, Any]], name: str) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for summary in summaries:
+        counts.update(summary.get(name, {}))
+    return dict(counts)
+
+
 def _report(
-    key: str, checked: list[CheckedFile], rows: list[Row], duplicates: list[tuple[Row, Row]], overlap: list[tuple[Row, Row]],
-    usage: dict[str, Any], options: DataOptions,
+    key: str, summaries: list[dict[str, Any]], indexes: list[dict[str, np.ndarray]], selection: np.ndarray, first: np.ndarray,
+    same_as: np.ndarray, overlap: list[tuple[int, int]], labels: _RowLabels, options: DataOptions, has_eval_files: bool,
 ) -> dict[str, Any]:
-    dropped = _dropped_by_reason(checked)
-    if options.dedupe and duplicates:
+    dropped = _summed(summaries, "dropped_by_reason")
+    duplicates = np.flatnonzero(~first)
+    if options.dedupe and len(duplicates):
         dropped["duplicate"] = len(duplicates)
+    chars = np.concatenate([index["chars"] for index in indexes]) if indexes else np.array([], dtype=np.int64)
+    turns = dict.fromkeys(TURN_KINDS, 0) | _summed(summaries, "turns")
     return {
         "stage": STAGE,
         "key": key,
         "code_version": CODE_VERSION,
-        "files": _file_summaries(checked),
-        "rows_read": sum(len(file.loaded.rows) for file in checked),
-        "rows_kept": len(rows),
-        "train_rows": sum(row.split == "train" for row in rows),
-        "eval_rows": sum(row.split == "eval" for row in rows),
+        "files": _file_summaries(summaries),
+        "rows_read": sum(summary["rows_read"] for summary in summaries),
+        "rows_kept": int((selection != DROPPED).sum()),
+        "train_rows": int((selection == TRAIN).sum()),
+        "eval_rows": int((selection == EVAL).sum()),
         "eval_rows_in_train": len(overlap),
-        "eval_rows_in_train_rows": [{"row": row.source, "same_as": trained.source} for row, trained in overlap],
+        "eval_rows_in_train_rows": [{"row": labels[row], "same_as": labels[same]} for row, same in overlap],
         "rows_dropped": sum(dropped.values()),
         "dropped_by_reason": dropped,
         "duplicates": len(duplicates),
         "duplicates_dropped": options.dedupe,
-        "duplicate_rows": [{"row": duplicate.source, "same_as": original.source} for duplicate, original in duplicates],
-        "invalid_rows": [vars(failure) for file in checked for failure in file.failures],
-        "chars": _chars(rows),
-        **usage,
-        "split_rule": "eval_data files" if any(f.loaded.source.split == "eval" for f in checked) else f"content hash < eval_fraction={options.eval_fraction}",
-        "options": options.model_dump(mode="json", exclude={"storage_options"}),
+        "duplicate_rows": [{"row": labels[int(row)], "same_as": labels[int(same_as[row])]} for row in duplicates],
+        "invalid_rows": [failure for summary in summaries for failure in summary["failures"]],
+        "chars": _chars(chars[selection != DROPPED]),
+        "turns": turns,
+        "trailing_turns": sum(summary.get("trailing_turns", 0) for summary in summaries),
+        "unused_fields": dict(sorted(_summed(summaries, "unused_fields").items())),
+        "split_rule": "eval_data files" if has_eval_files else f"content hash < eval_fraction={options.eval_fraction}",
+        "options": options.content_settings(),
     }
 
 
-def _publish(url: str, rows: list[Row], report: dict[str, Any], cache_options: dict[str, Any] | None) -> DataArtifact:
-    report["content_key"] = content_key(rows)
-    with storage.atomic_directory(url, cache_options) as scratch:
-        write_canonical(scratch / "data.jsonl", rows)
-        (scratch / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    logger.info("validated %s rows (%s train, %s eval), dropped %s", report["rows_kept"], report["train_rows"], report["eval_rows"], report["rows_dropped"])
-    return _artifact(url, report, store_hit=False)
-
-
-def _artifact(url: str, report: dict[str, Any], store_hit: bool) -> DataArtifact:
+def _artifact(url: str, report: dict[str, Any], shard_counts: dict[str, int], store_hit: bool) -> DataArtifact:
     return DataArtifact(
         stage=STAGE,
-        uri=storage.join(url, "data.jsonl"),
+        uri=storage.join(url, MANIFEST_FILE),
         key=report["content_key"],
         report_uri=storage.join(url, "report.json"),
-        stats={name: report[name] for name in STAT_FIELDS},
+        stats={**{name: report[name] for name in STAT_FIELDS}, "shards": shard_counts},
         store_hit=store_hit,
     )
 
@@ -487,6 +614,20 @@ def publish_validation_table(artifact: DataArtifact) -> None:
 
 
 @task(
+    name=SHARD_STAGE,
+    cache_key_fn=content_cache_key(shard_entry, "cache_storage_options"),
+    persist_result=True,
+    retries=2,
+    retry_condition_fn=retry_transient_shard,
+    retry_delay_seconds=[2, 10],
+)
+def validate_shard_task(
+    spec: ShardSpec, options: DataOptions, cache_dir: str, cache_storage_options: dict[str, Any] | None = None
+) -> ShardArtifact:
+    return validate_shard(spec, options, cache_dir, cache_storage_options)
+
+
+@task(
     name=STAGE,
     cache_key_fn=content_cache_key(validate_entry, "cache_storage_options"),
     persist_result=True,
@@ -497,8 +638,11 @@ def publish_validation_table(artifact: DataArtifact) -> None:
 def validate_task(
     data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str, cache_storage_options: dict[str, Any] | None = None
 ) -> DataArtifact:
-    artifact = validate_data(data, eval_data, options, cache_dir, cache_storage_options)
-    entry_url = artifact.uri.rsplit("/", 1)[0]  # <cache_dir>/validated/<key>/data.jsonl
+    """The stage; its shards are task runs of their own (validate-shard), mapped over local worker
+    processes or a Dask cluster (tasks/sharding.py)."""
+    runner = sharding.prefect_runner(validate_shard_task, options, cache_dir)
+    artifact = validate_data(data, eval_data, options, cache_dir, cache_storage_options, runner=runner)
+    entry_url = artifact.uri.rsplit("/", 1)[0]  # <cache_dir>/validated/<key>/manifest.json
     ensure_record_matches(entry_url.rsplit("/", 1)[-1], entry_url)
     publish_validation_table(artifact)
     return artifact

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
+import pyarrow as pa
 import pytest
 from prefect.states import Failed
 
@@ -75,7 +76,8 @@ def test_writes_arrow_splits_and_statistics(setup):
     assert (train["tokens"], train["loss_tokens"]) == (tokens, loss)
     assert train["loss_fraction"] == round(loss / tokens, 4)
     assert train["max_length"] == max(loaded["train"]["length"]) and result.stats["template"] == "model"
-    assert json.loads(Path(result.uri, "stats.json").read_text()) == result.stats
+    assert result.stats["shards"] == {"total": 1, "built": 1}
+    assert json.loads(Path(result.uri, "stats.json").read_text()) == {**result.stats, "shards": {"total": 1}}
 
 
 def test_truncate_response_counts_truncated_rows(setup):
@@ -99,6 +101,7 @@ def test_cache_hit_reads_no_rows_tokenizes_nothing_and_rewrites_nothing(setup, m
     for module, name in ((stage, "read_canonical"), (stage.formatting, "load_tokenizer"), (stage.formatting, "encode_batch")):
         monkeypatch.setattr(module, name, must_not_run)
     second = stage.tokenize_dataset(setup.data, setup.model, setup.options, setup.cache)
+    assert (first.stats["shards"].pop("built"), second.stats["shards"].pop("built")) == (1, 0)
     assert second.store_hit and (second.key, second.uri, second.stats) == (first.key, first.uri, first.stats)
     assert _files(first.uri) == written  # same files, same inodes: the entry was not rebuilt
 
@@ -174,13 +177,13 @@ def test_corrupt_entry_is_rebuilt(setup):
 def test_concurrent_builds_of_one_key_do_not_corrupt_it(setup, monkeypatch):
     """Both runs build, then publish at the same moment: one entry, complete, no scratch left."""
     barrier = threading.Barrier(2, timeout=30)
-    publish = stage.publish_entry
+    assemble = stage.assemble
 
-    def publish_together(*args, **kwargs):
+    def assemble_together(*args, **kwargs):
         barrier.wait()
-        publish(*args, **kwargs)
+        return assemble(*args, **kwargs)
 
-    monkeypatch.setattr(stage, "publish_entry", publish_together)
+    monkeypatch.setattr(stage, "assemble", assemble_together)
     results, errors = [], []
 
     def run():
@@ -195,7 +198,7 @@ def test_concurrent_builds_of_one_key_do_not_corrupt_it(setup, monkeypatch):
     for thread in threads:
         thread.join()
     assert not errors and len(results) == 2 and results[0].uri == results[1].uri
-    assert stage.read_entry(results[0].uri) == results[0].stats
+    assert stage.read_entry(results[0].uri) == {**results[0].stats, "shards": {"total": 1}}
     leftovers = [p.name for p in Path(results[0].uri).parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []
 
@@ -217,7 +220,7 @@ def test_a_cache_behind_credentials_is_read_written_reused_and_rebuilt_with_them
         datasets.load_from_disk(local.uri)["train"]["input_ids"]
     )
     again = stage.tokenize_dataset(data, model, setup.options, cache_dir, cache_options)
-    assert again.store_hit and again.stats == first.stats
+    assert again.store_hit and again.stats["train"] == first.stats["train"] and again.stats["shards"] == {"total": 1, "built": 0}
     fs, path = storage.filesystem(first.uri, cache_options)
     fs.rm(f"{path}/{storage.COMPLETE_MARKER}")  # a half-written entry
     rebuilt = stage.tokenize_dataset(data, model, setup.options, cache_dir, cache_options)
@@ -238,15 +241,17 @@ def test_task_wrapper_runs_outside_a_flow(setup):
     assert result.stats["train"]["kept"] == 6
 
 
-def test_chunked_encoding_gives_the_same_dataset(setup, monkeypatch):
+def test_chunked_encoding_gives_the_same_rows(setup, monkeypatch):
     tokenizer = stage.formatting.load_tokenizer(setup.model.uri)
-    rows = list(read_canonical(setup.data.uri))
-    whole, whole_stats = stage.build_splits(rows, tokenizer, setup.options)
+
+    def encoded() -> pa.Table:
+        return pa.Table.from_batches(list(stage._encoded_batches(read_canonical(setup.data.uri), tokenizer, setup.options)))
+
+    whole = encoded()
     monkeypatch.setattr(stage, "CHUNK", 3)
-    chunked, chunked_stats = stage.build_splits(rows, tokenizer, setup.options)
-    assert chunked_stats == whole_stats
-    for split in stage.SPLITS:
-        assert chunked[split].to_dict() == whole[split].to_dict()
+    chunked = encoded()
+    assert chunked.num_rows == whole.num_rows == len(canonical_rows())
+    assert chunked.to_pylist() == whole.to_pylist()
 
 
 # --- splits that end up empty ------------------------------------------------------------------

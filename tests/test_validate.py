@@ -11,6 +11,7 @@ import pytest
 
 from schemas.config import DataOptions
 from tasks.core import storage
+from tasks.core.rows import read_dataset
 from tasks.validate import (
     DataValidationError,
     report_table,
@@ -34,7 +35,7 @@ def cache(tmp_path):
 
 def run(urls: list[str], cache: str, eval_urls: list[str] = (), **options):
     artifact = validate_data(list(urls), list(eval_urls), DataOptions(**options), cache)
-    rows = [json.loads(line) for line in storage.read_text(artifact.uri).splitlines()]
+    rows = list(read_dataset(artifact.uri))
     return artifact, rows
 
 
@@ -231,6 +232,7 @@ def test_entry_is_reused_and_artifact_key_is_the_content_hash(mem, cache, tmp_pa
     first, _ = run([url], cache)
     second, _ = run([url], cache)
     assert not first.store_hit and second.store_hit
+    assert (first.stats.pop("shards"), second.stats.pop("shards")) == ({"total": 1, "built": 1}, {"total": 1, "built": 0})
     assert second.key == first.key and second.stats == first.stats
     # The downstream key ignores the `source` labels: the same rows under another file name
     # (a rebuilt entry, new cache dir) give the same key, so tokenization is not redone.
@@ -240,18 +242,35 @@ def test_entry_is_reused_and_artifact_key_is_the_content_hash(mem, cache, tmp_pa
     assert {"rows_read", "rows_kept", "dropped_by_reason", "duplicates", "chars", "files"} <= set(report)
 
 
-def test_each_file_is_read_once_and_keyed_by_the_bytes_that_were_parsed(mem, cache, monkeypatch):
+def test_each_file_is_read_twice_and_keyed_by_the_bytes_that_were_parsed(mem, cache, monkeypatch):
     """A file rewritten between Prefect's cache-key hash and the stage's read is stored under the
-    key of what was parsed, never under the old content's key."""
+    key of what was parsed, never under the old content's key. The stage reads a file once to cut
+    and hash its shards and once to parse them (checked against those hashes)."""
     url = put(f"{mem}/a.jsonl.gz", ALPACA_ROWS, "jsonl.gz")
     old_key, _ = validate_entry([url], [], DataOptions(), cache)  # what Prefect's key function saw
     put(url, ALPACA_ROWS[:2], "jsonl.gz")  # the file changes before the stage reads it
     opened, real_open = [], fsspec.open
     monkeypatch.setattr(fsspec, "open", lambda target, *a, **k: opened.append(target) or real_open(target, *a, **k))
     artifact, rows = run([url], cache)
-    assert opened.count(url) == 1
+    assert opened.count(url) == 2
     new_key, _ = validate_entry([url], [], DataOptions(), cache)
     assert len(rows) == 2 and new_key != old_key and f"/validated/{new_key}/" in artifact.uri
+
+
+def test_a_shard_that_changes_after_it_was_planned_is_refused(mem, cache, monkeypatch):
+    """Planning hashed the bytes; the shard's read hashes them again and refuses others."""
+    import tasks.core.shards as shards
+
+    url = put(f"{mem}/a.jsonl", ALPACA_ROWS, "jsonl")
+    real_read = shards.read_shard
+
+    def rewritten_first(spec, options):
+        put(url, ALPACA_ROWS[::-1], "jsonl")
+        return real_read(spec, options)
+
+    monkeypatch.setattr(shards, "read_shard", rewritten_first)
+    with pytest.raises(shards.ShardChangedError, match="changed while it was read"):
+        run([url], cache)
 
 
 # --- Prefect wrapper ---------------------------------------------------------------------------
@@ -263,17 +282,17 @@ def test_a_file_changed_after_prefect_hashed_it_is_never_recorded_under_the_old_
     on the old bytes get the old rows, however often they run."""
     from prefect import flow
 
-    import tasks.validate as stage
+    import tasks.core.shards as shards
 
     data, cache = tmp_path / "data.jsonl", str(tmp_path / "cache")
     put(str(data), ALPACA_ROWS, "jsonl")
-    reads, real_read = [], stage.read_source
+    reads, real_read = [], shards.read_shard
 
-    def rewritten_before_the_first_read(source, options):
+    def rewritten_before_the_first_read(spec, options):
         if not reads:
             put(str(data), ALPACA_ROWS[:2], "jsonl")
-        reads.append(source.url)
-        return real_read(source, options)
+        reads.append(spec.source.url)
+        return real_read(spec, options)
 
     task = validate_task.with_options(result_storage=tmp_path / "results", retry_delay_seconds=0)
 
@@ -281,9 +300,9 @@ def test_a_file_changed_after_prefect_hashed_it_is_never_recorded_under_the_old_
     def validate_once() -> int:
         return task([str(data)], [], DataOptions(), cache).stats["rows_kept"]
 
-    monkeypatch.setattr(stage, "read_source", rewritten_before_the_first_read)
-    assert validate_once() == 2 and len(reads) == 2  # the first attempt refused, the retry agreed
-    monkeypatch.setattr(stage, "read_source", real_read)
+    monkeypatch.setattr(shards, "read_shard", rewritten_before_the_first_read)
+    assert validate_once() == 2 and len(reads) == 2  # the first attempt refused, the retry planned again
+    monkeypatch.setattr(shards, "read_shard", real_read)
     put(str(data), ALPACA_ROWS, "jsonl")  # back to the first bytes
     assert [validate_once() for _ in range(2)] == [len(ALPACA_ROWS)] * 2
 

@@ -87,10 +87,16 @@ def _expand(url: str, split: str, storage_options: dict[str, Any], hf_split: str
 
 
 def _file_kind_of(url: str) -> str | None:
+    return file_kind_and_compression(url)[0]
+
+
+def file_kind_and_compression(url: str) -> tuple[str | None, str | None]:
+    """What the file's name says it is: (json|csv|tsv|parquet or None, gzip|bz2|xz or None)."""
     name = url.rsplit("/", 1)[-1].lower()
+    compression = next((COMPRESSIONS[suffix] for suffix in COMPRESSIONS if name.endswith(suffix)), None)
     for suffix in COMPRESSIONS:
         name = name.removesuffix(suffix)
-    return FILE_KINDS.get("." + name.rsplit(".", 1)[-1]) if "." in name else None
+    return (FILE_KINDS.get("." + name.rsplit(".", 1)[-1]) if "." in name else None), compression
 
 
 def _with_protocol(url: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -107,7 +113,7 @@ def _refuse_special_file(fs: fsspec.AbstractFileSystem, path: str, name: str) ->
     """Refuse a local path that is neither a regular file nor a folder, before anything opens it:
     opening a FIFO blocks until a writer comes, and a device such as /dev/zero never ends."""
     if not isinstance(fs, LocalFileSystem):
-        return  # objects elsewhere are read no further than their reported size (_read_chunks)
+        return  # objects elsewhere are read no further than their reported size (read_chunks)
     try:
         mode = os.stat(path).st_mode  # follows links: zero.jsonl -> /dev/zero is a device
     except OSError as exc:
@@ -126,19 +132,19 @@ def read_source(source: Source, storage_options: dict[str, Any]) -> bytes | None
     """The file's bytes as stored (compressed or not); None for a hub dataset."""
     if source.hub_split:
         return None
-    return b"".join(_read_chunks(source, storage_options))
+    return b"".join(read_chunks(source, storage_options))
 
 
 def hash_stream(source: Source, storage_options: dict[str, Any]) -> str:
     """The hash of a file's stored bytes, streamed: the cache key is computed before the stage runs,
     and must not hold every file in memory at once."""
     digest = hashlib.sha256()
-    for block in _read_chunks(source, storage_options):
+    for block in read_chunks(source, storage_options):
         digest.update(block)
     return digest.hexdigest()  # equals hash_bytes(read_source(...)): the stage re-keys by what it parsed
 
 
-def _read_chunks(source: Source, storage_options: dict[str, Any], chunk: int = 1 << 20) -> Iterator[bytes]:
+def read_chunks(source: Source, storage_options: dict[str, Any], chunk: int = 1 << 20) -> Iterator[bytes]:
     """The stored bytes, never more than the store reports: a stream that does not end (a device
     behind some filesystem, a misbehaving store) fails instead of filling the memory."""
     fs, path = storage.filesystem(source.url, storage_options)
@@ -181,11 +187,18 @@ class LoadedFile:
     rows: list[Any]
     lines: list[int] | None = None  # 1-based line of each row, where a line means something
     json_text: str | None = None  # a JSON array's text: its lines are found only when needed
+    first_row: int = 0  # the file's row number of rows[0] (a shard of a JSON Lines file)
 
     def line(self, row: int) -> int | None:
+        """The line of the file's row `row` (numbered as in the whole file)."""
         if self.lines is None and self.json_text is not None:
             self.lines = _json_array_lines(self.json_text)
-        return self.lines[row] if self.lines is not None and row < len(self.lines) else None
+        index = row - self.first_row
+        return self.lines[index] if self.lines is not None and 0 <= index < len(self.lines) else None
+
+    @property
+    def row_numbers(self) -> range:
+        return range(self.first_row, self.first_row + len(self.rows))
 
 
 def load_source(source: Source, raw: bytes | None) -> LoadedFile:
@@ -205,6 +218,13 @@ def load_source(source: Source, raw: bytes | None) -> LoadedFile:
     if not loaded.rows:
         raise FileProblem("the file has no rows")
     return loaded
+
+
+def load_jsonl_range(source: Source, raw: bytes, first_row: int, first_line: int) -> LoadedFile:
+    """Rows `first_row`... of a JSON Lines file, from the bytes of whole lines starting at line
+    `first_line`: rows, lines and errors are numbered as in the whole file."""
+    rows, lines = _jsonl_rows(_decode(raw), first_row, first_line)
+    return LoadedFile(source, rows, lines, first_row=first_row)
 
 
 def _refuse_misnamed(url: str, kind: str | None, raw: bytes) -> None:
@@ -304,10 +324,10 @@ def _json_array_starts(text: str, decoder: json.JSONDecoder) -> Iterator[int]:
         _, position = decoder.raw_decode(text, position)
 
 
-def _jsonl_rows(text: str) -> tuple[list[Any], list[int]]:
+def _jsonl_rows(text: str, first_row: int = 0, first_line: int = 1) -> tuple[list[Any], list[int]]:
     rows, lines = [], []
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends unescaped.
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(text.split("\n"), start=first_line):
         if not line.strip():
             continue
         try:
@@ -315,7 +335,7 @@ def _jsonl_rows(text: str) -> tuple[list[Any], list[int]]:
         except json.JSONDecodeError as exc:
             raise FileProblem(_jsonl_error(text, number, exc)) from exc
         except _Refused as exc:
-            raise FileProblem(f"row {len(rows)} (0-based), line {number}: {exc}") from exc
+            raise FileProblem(f"row {first_row + len(rows)} (0-based), line {number}: {exc}") from exc
         lines.append(number)
     return rows, lines
 

@@ -19,8 +19,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
+import numpy as np
 
+from tasks.core import storage
 from tasks.core.hashing import hash_bytes
+
+DIGEST_BYTES = 16
+# A row's place in the dataset, one byte a row in a validated manifest's selection.
+DROPPED, TRAIN, EVAL = 0, 1, 2
+SPLIT_CODES = {"train": TRAIN, "eval": EVAL}
+MANIFEST_FILE = "manifest.json"  # a validated dataset: its shards in order
+SELECTION_FILE = "selection.npy"
+SHARD_ROWS_FILE = "rows.jsonl"
 
 
 @dataclass
@@ -41,6 +51,12 @@ class Row:
     def fraction(self) -> float:
         """Where the row's content hash falls in [0, 1): the same text always lands the same."""
         return int(hashlib.sha256(self.canonical.encode("utf-8")).hexdigest()[:8], 16) / 16**8
+
+    @property
+    def digest(self) -> bytes:
+        """The first 16 bytes of the content hash: what duplicates and splits are decided on
+        across shards (16 bytes a row, not the row). Its first 4 bytes give `fraction`."""
+        return hashlib.sha256(self.canonical.encode("utf-8")).digest()[:DIGEST_BYTES]
 
     @property
     def chars(self) -> int:
@@ -137,3 +153,46 @@ def read_canonical(url: str, storage_options: dict[str, Any] | None = None) -> I
         for line in handle:
             if line.strip():
                 yield json.loads(line)
+
+
+# --- a validated dataset: shards and a selection -----------------------------------------------
+
+
+def digest_fractions(digests: np.ndarray) -> np.ndarray:
+    """`Row.fraction` of every row, from the digests (their first 4 bytes, big-endian)."""
+    head = np.frombuffer(digests.tobytes(), dtype=">u4").reshape(len(digests), DIGEST_BYTES // 4)[:, 0]
+    return head.astype(np.float64) / 2**32
+
+
+def shard_rows_url(cache_root: str, shard_key: str) -> str:
+    return storage.join(cache_root, "validated-shards", shard_key, SHARD_ROWS_FILE)
+
+
+def manifest_cache_root(manifest_url: str) -> str:
+    """<cache_dir> of <cache_dir>/validated/<key>/manifest.json."""
+    return manifest_url.rsplit("/", 3)[0]
+
+
+def read_selection(manifest_url: str, storage_options: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """(the manifest's shards in order: {key, rows}; every valid row's DROPPED/TRAIN/EVAL code)."""
+    manifest = storage.read_json(manifest_url, storage_options)
+    with fsspec.open(manifest_url.rsplit("/", 1)[0] + "/" + SELECTION_FILE, "rb", **(storage_options or {})) as handle:
+        selection = np.load(handle)
+    return manifest["shards"], selection
+
+
+def read_dataset(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """The rows of a validated dataset in order, each with its split, dropped rows left out. `url`
+    is a validated manifest, or a single canonical JSONL file (its rows' own splits)."""
+    if not url.endswith("/" + MANIFEST_FILE):
+        yield from read_canonical(url, storage_options)
+        return
+    shards, selection = read_selection(url, storage_options)
+    root, offset, names = manifest_cache_root(url), 0, {code: name for name, code in SPLIT_CODES.items()}
+    for shard in shards:
+        codes = selection[offset : offset + shard["rows"]]
+        offset += shard["rows"]
+        for row, code in zip(read_canonical(shard_rows_url(root, shard["key"]), storage_options), codes):
+            if code != DROPPED:
+                row["split"] = names[int(code)]
+                yield row

@@ -49,6 +49,11 @@ def is_complete(url: str, storage_options: dict[str, Any] | None = None) -> bool
     return exists(join(url, COMPLETE_MARKER), storage_options)
 
 
+def size(url: str, storage_options: dict[str, Any] | None = None) -> int:
+    fs, path = filesystem(url, storage_options)
+    return fs.size(path) or 0
+
+
 def read_text(url: str, storage_options: dict[str, Any] | None = None) -> str:
     with fsspec.open(url, "r", encoding="utf-8", **(storage_options or {})) as handle:
         return handle.read()

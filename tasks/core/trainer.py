@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -100,34 +101,49 @@ class TrainSpec:
 
 
 @dataclass
-class TokenRows:
-    """The training split as flat tensors: example i is [offsets[i], offsets[i + 1])."""
+class TokenChunk:
+    """Consecutive examples as flat tensors: example i is [offsets[i], offsets[i + 1])."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
-    offsets: torch.Tensor
-    lengths: torch.Tensor = field(init=False)
-    loss_tokens: torch.Tensor = field(init=False)  # labels that count after the one-token shift
+    offsets: torch.Tensor  # int64, one more than the examples
 
-    def __post_init__(self) -> None:
-        self.lengths = self.offsets[1:] - self.offsets[:-1]
-        has_loss = (self.labels != IGNORE_INDEX).long()
-        has_loss[self.offsets[:-1][self.lengths > 0]] = 0  # label 0 is never a target: labels shift by one
-        self.loss_tokens = _segment_sums(has_loss, self.offsets)
+
+class TokenRows:
+    """A split's examples, in chunks that may be memory-mapped views of the tokenized store (the
+    record batches of its Arrow files): the tokens stay on disk and in the page cache, and only the
+    per-example figures (lengths, loss tokens) are in memory, 16 bytes an example."""
+
+    def __init__(self, chunks: Sequence[TokenChunk]):
+        self.chunks = list(chunks)
+        sizes = [len(chunk.offsets) - 1 for chunk in self.chunks]
+        self.starts = torch.tensor([0] + sizes, dtype=torch.long).cumsum(0)
+        self.lengths = torch.cat([chunk.offsets[1:] - chunk.offsets[:-1] for chunk in self.chunks] or [torch.zeros(0, dtype=torch.long)])
+        self.loss_tokens = torch.cat([_loss_tokens(chunk) for chunk in self.chunks] or [torch.zeros(0, dtype=torch.long)])
 
     @classmethod
     def from_examples(cls, examples: Sequence[dict]) -> "TokenRows":
         lengths = torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.long)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         flat = lambda key: torch.tensor([t for e in examples for t in e[key]], dtype=torch.long)  # noqa: E731
-        return cls(flat("input_ids"), flat("labels"), offsets)
+        return cls([TokenChunk(flat("input_ids"), flat("labels"), offsets)])
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return int(self.starts[-1])
 
     def example(self, i: int) -> dict:
-        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {"input_ids": self.input_ids[start:end].tolist(), "labels": self.labels[start:end].tolist()}
+        index = int(torch.searchsorted(self.starts, i, right=True)) - 1
+        chunk, local = self.chunks[index], i - int(self.starts[index])
+        start, end = int(chunk.offsets[local]), int(chunk.offsets[local + 1])
+        return {"input_ids": chunk.input_ids[start:end].tolist(), "labels": chunk.labels[start:end].tolist()}
+
+
+def _loss_tokens(chunk: TokenChunk) -> torch.Tensor:
+    """Labels that count after the one-token shift, per example of the chunk."""
+    lengths = chunk.offsets[1:] - chunk.offsets[:-1]
+    has_loss = (chunk.labels != IGNORE_INDEX).long()
+    has_loss[chunk.offsets[:-1][lengths > 0]] = 0  # label 0 is never a target: labels shift by one
+    return _segment_sums(has_loss, chunk.offsets)
 
 
 def _segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -146,24 +162,34 @@ def load_eval_rows(data_dir: str | Path) -> TokenRows | None:
 
 def load_rows(data_dir: str | Path, split: str = "train") -> TokenRows:
     """Read a split of the tokenized store with pyarrow alone (no `datasets` needed on GPU boxes):
-    save_to_disk writes Arrow IPC streams listed in the split's state.json."""
-    import numpy as np
+    save_to_disk writes Arrow IPC streams listed in the split's state.json. The token columns are
+    memory-mapped, not read: memory does not grow with the store."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     folder = Path(data_dir) / split
     state = json.loads((folder / "state.json").read_text())
-    tables = [pa.ipc.open_stream(pa.memory_map(str(folder / f["filename"]))).read_all() for f in state["_data_files"]]
-    table = pa.concat_tables(tables)
-    if table.num_rows == 0:
+    chunks = [
+        _mapped_chunk(batch, folder)
+        for f in state["_data_files"]
+        for batch in pa.ipc.open_stream(pa.memory_map(str(folder / f["filename"])))
+        if batch.num_rows
+    ]
+    if not chunks:
         raise ValueError(f"{folder}: the split is empty")
-    ids, labels = table.column("input_ids"), table.column("labels")
-    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
-    if not np.array_equal(lengths, pc.list_value_length(labels).to_numpy(zero_copy_only=False)):
+    return TokenRows(chunks)
+
+
+def _mapped_chunk(batch, folder: Path) -> TokenChunk:
+    import numpy as np
+
+    ids, labels = batch.column("input_ids"), batch.column("labels")
+    offsets = ids.offsets.to_numpy()
+    if not np.array_equal(offsets - offsets[0], labels.offsets.to_numpy() - labels.offsets.to_numpy()[0]):
         raise ValueError(f"{folder}: input_ids and labels differ in length")
-    flat = lambda column: torch.from_numpy(pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int64))  # noqa: E731
-    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
-    return TokenRows(flat(ids), flat(labels), offsets)
+    with warnings.catch_warnings():  # the mapped buffers are read-only; nothing ever writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        view = lambda column: torch.from_numpy(column.flatten().to_numpy(zero_copy_only=True))  # noqa: E731
+        return TokenChunk(view(ids), view(labels), torch.from_numpy((offsets - offsets[0]).astype(np.int64)))
 
 
 class DataOrder:
