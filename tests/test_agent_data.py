@@ -14,7 +14,8 @@ import pytest
 
 from flows.sft import sft
 from schemas.config import TemplateOptions
-from tasks.core import formatting, storage
+from tasks.core import formatting
+from tasks.core.rows import read_dataset
 from tests.conftest import production
 from tests.test_flow import tiny_config
 
@@ -110,7 +111,7 @@ def test_held_out_calls_are_scored(agent_run):
 
 def test_released_template_renders_agent_rows_as_training_did(agent_run):
     config, manifest = agent_run
-    rows = [json.loads(line) for line in storage.read_text(manifest["stages"]["validate-data"]["uri"]).splitlines()]
+    rows = list(read_dataset(manifest["stages"]["validate-data"]["uri"]))
     base = formatting.load_tokenizer(config.model)
     released = formatting.load_tokenizer(production(config.output))
     template = TemplateOptions.model_validate(config.template.model_dump())
