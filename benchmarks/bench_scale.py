@@ -543,6 +543,9 @@ def main() -> None:
     args = parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # One process is one core, on both sides, as in the flow (flows/sft.py sets the same): the fast
+    # tokenizer's own threads would otherwise make "1 worker" use every core.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.child:
         run_child(args)
     else:

@@ -54,6 +54,12 @@ def process_private(cache_dir: str) -> bool:
     return cache_dir.startswith("memory://")
 
 
+def one_core_each() -> None:
+    """In a worker process: the fast tokenizer's own thread pool would use every core in every
+    worker; with one worker per core, that only makes them fight."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def worker_count(workers: int, pending: int, work: Work, cache_dir: str) -> int:
     """How many processes build the pending shards (1: this one)."""
     if work.private or process_private(cache_dir) or (workers == 0 and not work.big):
@@ -73,7 +79,7 @@ def local_runner(workers: int, cache_dir: str) -> ShardRunner:
                 results[index] = fn(items[index], **common)
             return results
         logger.info("%d shards in %d worker processes", len(todo), processes)
-        with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=one_core_each) as pool:
             for index, result in zip(todo, pool.map(partial(fn, **common), [items[index] for index in todo])):
                 results[index] = result
         return require_visible(results, common.get("cache_storage_options"))
@@ -123,7 +129,7 @@ def _task_runner(options: DataOptions, cache_dir: str, pending: int, work: Work)
     from prefect.task_runners import ProcessPoolTaskRunner
 
     logger.info("%d shards in %d worker processes", pending, processes)
-    return ProcessPoolTaskRunner(max_workers=processes)
+    return ProcessPoolTaskRunner(max_workers=processes, initializer=one_core_each)
 
 
 def require_visible(results: list[ShardArtifact], cache_options: dict[str, Any] | None) -> list[ShardArtifact]:

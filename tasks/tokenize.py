@@ -1,12 +1,15 @@
 """tokenize-and-cache: canonical rows -> Arrow DatasetDict(train, eval) of input_ids/labels/length.
 
-The entry is keyed by content: the validated data's bytes (DataArtifact.key), the tokenizer's files
-and chat template (ModelArtifact.tokenizer_hash), every TemplateOptions field and the source of this
-module, of tasks/core/formatting.py and of tasks/core/rows.py (the canonical rows' reader). Moving
-the data keeps the key; changing one byte, one option or the masking code changes it. The entry is
-written to a scratch folder and renamed into place with a completion marker
-(tasks/core/storage.atomic_directory); an incomplete or unreadable entry is rebuilt. Formatting and
-masking live in tasks/core/formatting.py.
+The store is keyed by content: the validated data's key (DataArtifact.key: its rows' digests and
+splits), the tokenizer's files and chat template (ModelArtifact.tokenizer_hash), every
+TemplateOptions field and the source of this module, of tasks/core/formatting.py and of
+tasks/core/rows.py. Moving the data keeps the key; changing one byte, one option or the masking
+code changes it. Each validated shard is tokenized on its own (`tokenize_shard`, cached under
+`cache_dir/tokenized-shards/<key>/`: every row, kept or why dropped), so a new shard of data costs
+only its own tokens; `assemble` then streams the shards' kept rows into the store, one shard in
+memory at a time. Entries are written to a scratch folder and renamed into place with a completion
+marker (tasks/core/storage.atomic_directory); an incomplete or unreadable entry is rebuilt.
+Formatting and masking live in tasks/core/formatting.py.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ TOKENS_FILE = "tokens.arrow"
 CHUNK = 4096  # rows per batched tokenizer call
 TOKEN_IDS = pa.list_(pa.int32())
 STORE_SCHEMA = pa.schema({"input_ids": TOKEN_IDS, "labels": TOKEN_IDS, "length": pa.int32()})  # what training reads
+STAT_COLUMNS = ["status", "length", "loss_tokens", "truncated", "reasoning_dropped", "control_text"]
 SHARD_SCHEMA = pa.schema({
     **dict(zip(STORE_SCHEMA.names, STORE_SCHEMA.types)),
     "status": pa.int8(), "loss_tokens": pa.int32(), "truncated": pa.bool_(), "reasoning_dropped": pa.int32(), "control_text": pa.int32(),
@@ -111,7 +115,7 @@ def tokenize_dataset(
         stats = read_entry(url, cache)
         if stats is not None:
             logger.info("tokenize: reusing %s (%.2f s)", url, time.perf_counter() - started)
-            stats["shards"]["built"] = 0
+            stats.setdefault("shards", {})["built"] = 0
             return TokenizedArtifact(stage=STAGE, uri=url, key=key, stats=stats, store_hit=True)
         logger.warning("tokenize: entry %s is unreadable; rebuilding it", url)
     rebuild = storage.exists(url, cache)  # a half-written or corrupt entry is replaced, a finished one never
@@ -141,7 +145,7 @@ def tokenize_shard(
     key, url = shard_entry(shard, model, options, cache_dir)
     if storage.is_complete(url, cache_storage_options):
         return ShardArtifact(stage=SHARD_STAGE, uri=url, key=key, store_hit=True)
-    tokenizer = formatting.load_tokenizer(storage.local_copy(model.uri, cache_storage_options))
+    tokenizer = _tokenizer(model, cache_storage_options)
     summary = {"template": formatting.template_kind(tokenizer, options), "rendering": formatting.rendering_summary(tokenizer, options)}
     with storage.atomic_directory(url, cache_storage_options, replace=True) as scratch:
         with pa.OSFile(str(scratch / TOKENS_FILE), "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
@@ -150,7 +154,20 @@ def tokenize_shard(
                 writer.write_batch(batch)
                 summary["rows"] += batch.num_rows
         (scratch / STATS_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    logger.info("tokenize: %d rows of %s", summary["rows"], shard.url)
     return ShardArtifact(stage=SHARD_STAGE, uri=url, key=key, stats={"rows": summary["rows"]})
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(model: ModelArtifact, cache_options: dict[str, Any] | None):
+    """The model's tokenizer, loaded once per process and tokenizer content: a process tokenizing
+    twenty shards would otherwise grow by every copy the garbage collector has not freed yet."""
+    if model.tokenizer_hash not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[model.tokenizer_hash] = formatting.load_tokenizer(storage.local_copy(model.uri, cache_options))
+    return _TOKENIZERS[model.tokenizer_hash]
 
 
 def _encoded_batches(rows: Iterator[dict[str, Any]], tokenizer, options: TemplateOptions) -> Iterator[pa.RecordBatch]:
@@ -208,15 +225,16 @@ def assemble(
             for split in SPLITS:
                 writers[split], schemas[split] = _split_writer(scratch, split, key)
             offset = 0
-            for shard in shards:
-                table = _read_tokens(shard.uri, cache_options)
-                codes = selection[offset : offset + table.num_rows]
-                offset += table.num_rows
+            for batch in _token_batches(shards, cache_options):
+                codes = selection[offset : offset + batch.num_rows]
+                offset += batch.num_rows
+                kept = batch.column("status").to_numpy() == STATUS_KEPT
                 for split in SPLITS:
-                    chosen = table.filter(pa.array(codes == canonical.SPLIT_CODES[split]))
-                    parts[split].append(split_stats(chosen))
-                    kept = chosen.filter(pc.equal(chosen.column("status"), STATUS_KEPT))
-                    writers[split].write_table(kept.select(list(STORE_SCHEMA.names)).cast(schemas[split]))
+                    chosen = codes == canonical.SPLIT_CODES[split]
+                    parts[split].append(split_stats(batch.select(STAT_COLUMNS).filter(pa.array(chosen))))
+                    rows = batch.select(STORE_SCHEMA.names).filter(pa.array(chosen & kept))
+                    if rows.num_rows:
+                        writers[split].write_batch(pa.RecordBatch.from_arrays(rows.columns, schema=schemas[split]))
             for writer in writers.values():
                 writer.close()
             stats.update({split: merge_stats(parts[split]) for split in SPLITS}, shards={"total": len(shards)})
@@ -231,9 +249,15 @@ def assemble(
     return stats
 
 
-def _read_tokens(url: str, cache_options: dict[str, Any] | None) -> pa.Table:
-    path = storage.local_copy(url, cache_options) / TOKENS_FILE
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()  # memory-mapped: pages come and go
+def _token_batches(shards: list[ShardArtifact], cache_options: dict[str, Any] | None) -> Iterator[pa.RecordBatch]:
+    """Every shard's record batches (CHUNK rows each) in order, read one at a time: memory holds
+    one batch, whatever the shards hold."""
+    for shard in shards:
+        path = storage.local_copy(shard.uri, cache_options) / TOKENS_FILE
+        with pa.OSFile(str(path)) as source:
+            reader = pa.ipc.open_file(source)
+            for index in range(reader.num_record_batches):
+                yield reader.get_batch(index)
 
 
 def _split_writer(scratch: Path, split: str, key: str) -> tuple[pa.ipc.RecordBatchStreamWriter, pa.Schema]:
@@ -256,8 +280,8 @@ def _split_writer(scratch: Path, split: str, key: str) -> tuple[pa.ipc.RecordBat
     return pa.ipc.new_stream(str(data_file), schema), schema
 
 
-def split_stats(table: pa.Table) -> dict[str, Any]:
-    """Counts for the rows of one split in one shard."""
+def split_stats(table: pa.RecordBatch) -> dict[str, Any]:
+    """Counts for the rows of one split in one record batch (STAT_COLUMNS)."""
     status = table.column("status").to_numpy()
     lengths = table.column("length").to_numpy()
     kept = status == STATUS_KEPT

@@ -1,12 +1,15 @@
 """validate-data: read the data wherever it lives, map every format onto the canonical rows, and
 reject or report every bad row (pandera, `schemas/data.py`) before anything is tokenized.
 
-Reading the files is `tasks/core/readers.py`; the canonical row, its split and its JSONL file are
-`tasks/core/rows.py`. This module checks rows, reports and publishes. The entry
-`cache_dir/validated/<key>/` holds `data.jsonl` (one canonical row a line) and `report.json`. The
-key hashes the input bytes, the options and the code that shapes the rows; the artifact's own key
-is the hash of the rows' text and split (not their `source` labels), which is what later stages
-cache on.
+Reading the files is `tasks/core/readers.py`, cutting them into shards `tasks/core/shards.py`; the
+canonical row, its split and its JSONL file are `tasks/core/rows.py`. The work is done shard by
+shard (`validate_shard`, each its own cache entry `cache_dir/validated-shards/<key>/`, keyed by
+the shard's bytes, the options and the code that shapes rows), on whatever runner the caller gives
+(tasks/sharding.py). `merge_shards` then makes them one dataset, `cache_dir/validated/<key>/`:
+`manifest.json` (the shards in order), `selection.npy` (each row dropped, trained on or held out)
+and `report.json`, decided on a 16-byte digest a row, so that the report, the duplicates and the
+split are exactly what one pass over all rows gives. The artifact's key is the hash of the kept
+rows' digests and splits (not their `source` labels), which is what later stages cache on.
 
 Nothing is dropped silently: besides the invalid rows, the report counts what the valid rows held
 that the canonical rows do not carry (`unused_fields`: columns no format reads, keys inside a turn,
@@ -326,6 +329,7 @@ def validate_shard(
         write_canonical(scratch / SHARD_ROWS_FILE, rows)
         _write_index(scratch, rows)
         (scratch / SHARD_FILE).write_text(json.dumps(summary, ensure_ascii=False) + "\n", encoding="utf-8")
+    logger.info("validated %s rows %d-%d: %d valid", spec.source.name, spec.row_start, spec.row_start + summary["rows_read"] - 1, len(rows))
     return _shard_artifact(url, key, summary, store_hit=False)
 
 
@@ -383,17 +387,11 @@ def merge_shards(
     summaries = [storage.read_json(storage.join(shard.uri, SHARD_FILE), cache_options) for shard in shard_results]
     _raise_problems(key, summaries, options, cache_dir, cache_options)
     indexes = [_read_index(shard.uri, cache_options) for shard in shard_results]
-    digests = np.concatenate([index["digests"] for index in indexes]) if indexes else np.array([], dtype=f"S{DIGEST_BYTES}")
+    digests = np.concatenate([index["digests"] for index in indexes])
     has_eval_files = any(spec.source.split == "eval" for spec in specs)
     source_splits = np.concatenate([np.full(len(index["digests"]), SPLIT_CODES[s["split"]], np.uint8) for index, s in zip(indexes, summaries)])
     first, same_as = _first_occurrences(digests)
-    keep = first if options.dedupe else np.ones(len(digests), dtype=bool)
-    selection = np.zeros(len(digests), dtype=np.uint8)
-    if has_eval_files:
-        selection[keep] = source_splits[keep]
-    else:
-        held = hash_split(digest_fractions(digests[keep]).tolist(), options.eval_fraction)
-        selection[keep] = np.where(np.array(held, dtype=bool), EVAL, TRAIN)
+    selection = _selection(digests, first, source_splits, options, has_eval_files)
     labels = _RowLabels(summaries, indexes)
     overlap = _eval_in_train(digests, selection)
     _warn_overlap([(labels[row], labels[same]) for row, same in overlap], int((selection == EVAL).sum()))
@@ -403,16 +401,25 @@ def merge_shards(
         raise DataValidationError(
             f"no training rows left: {report['rows_read']} read, dropped {report['dropped_by_reason']} (inputs: {files})"
         )
-    report["content_key"] = hash_bytes(digests[keep].tobytes() + selection[keep].tobytes())
-    manifest = {"shards": [{"key": shard.key, "content_key": s["content_key"], "rows": int(s["valid_rows"])}
-                           for shard, s in zip(shard_results, summaries)]}
-    with storage.atomic_directory(url, cache_options) as scratch:
-        (scratch / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-        np.save(scratch / SELECTION_FILE, selection)
-        (scratch / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    logger.info("validated %s rows (%s train, %s eval), dropped %s", report["rows_kept"], report["train_rows"], report["eval_rows"], report["rows_dropped"])
+    kept = selection != DROPPED
+    report["content_key"] = hash_bytes(digests[kept].tobytes() + selection[kept].tobytes())  # what later stages key on
+    shard_list = [{"key": shard.key, "content_key": s["content_key"], "rows": int(s["valid_rows"])} for shard, s in zip(shard_results, summaries)]
+    _publish(url, shard_list, selection, report, cache_options)
     built = sum(not shard.store_hit for shard in shard_results)
     return _artifact(url, report, {"total": len(shard_results), "built": built}, store_hit=False)
+
+
+def _selection(digests: np.ndarray, first: np.ndarray, source_splits: np.ndarray, options: DataOptions, has_eval_files: bool) -> np.ndarray:
+    """DROPPED, TRAIN or EVAL for every valid row: duplicates dropped on request, then each row's
+    file's split (eval files given) or its content hash's."""
+    keep = first if options.dedupe else np.ones(len(digests), dtype=bool)
+    selection = np.zeros(len(digests), dtype=np.uint8)
+    if has_eval_files:
+        selection[keep] = source_splits[keep]
+    else:
+        held = hash_split(digest_fractions(digests[keep]).tolist(), options.eval_fraction)
+        selection[keep] = np.where(np.array(held, dtype=bool), EVAL, TRAIN)
+    return selection
 
 
 def _first_occurrences(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -581,6 +588,14 @@ def _report(
         "split_rule": "eval_data files" if has_eval_files else f"content hash < eval_fraction={options.eval_fraction}",
         "options": options.content_settings(),
     }
+
+
+def _publish(url: str, shard_list: list[dict[str, Any]], selection: np.ndarray, report: dict[str, Any], cache_options: dict[str, Any] | None) -> None:
+    with storage.atomic_directory(url, cache_options) as scratch:
+        (scratch / MANIFEST_FILE).write_text(json.dumps({"shards": shard_list}, indent=1) + "\n")
+        np.save(scratch / SELECTION_FILE, selection)
+        (scratch / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    logger.info("validated %s rows (%s train, %s eval), dropped %s", report["rows_kept"], report["train_rows"], report["eval_rows"], report["rows_dropped"])
 
 
 def _artifact(url: str, report: dict[str, Any], shard_counts: dict[str, int], store_hit: bool) -> DataArtifact:

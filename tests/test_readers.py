@@ -25,11 +25,11 @@ from tasks.core.readers import (
     FileProblem,
     LoadedFile,
     Source,
-    hash_stream,
     load_source,
     read_source,
     resolve_sources,
 )
+from tasks.core.shards import plan_shards
 from tests.conftest import ALPACA_ROWS
 
 CHAT_ROW = {
@@ -134,7 +134,7 @@ def test_stored_bytes_are_read_as_stored_and_hashed_alike(mem):
     [source] = sources(url)
     raw = read_source(source, {})
     assert raw == encode(ALPACA_ROWS, "jsonl.gz")  # compressed: the key hashes the file as stored
-    assert hash_stream(source, {}) == hash_bytes(raw)
+    assert plan_shards([source], {}, shard_rows=2)[0].digest == hash_bytes(raw)  # one shard: compressed files are not cut
 
 
 # --- which files a URL names -------------------------------------------------------------------
@@ -322,4 +322,4 @@ def test_remote_object_is_read_no_further_than_its_reported_size(monkeypatch, si
     url = "endless://bucket/rows.jsonl"
     assert refused(url).startswith(f"{url}: ") and reason in refused(url)
     with pytest.raises(DataValidationError, match=reason):
-        hash_stream(Source(url, "train"), {})  # the cache key's streamed hash is bounded too
+        plan_shards([Source(url, "train")], {}, shard_rows=2)  # the cache key's streamed hash is bounded too

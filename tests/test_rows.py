@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from tasks.core.rows import (
+    DIGEST_BYTES,
     Row,
-    assign_splits,
-    content_key,
-    eval_in_train,
-    find_duplicates,
+    digest_fractions,
     hash_split,
     read_canonical,
     write_canonical,
@@ -32,15 +32,11 @@ def test_identity_is_the_messages_alone():
     assert row("Q?", source="x").chars == len("Q?") + len("A.")
 
 
-def test_duplicates_pair_each_repeat_with_its_first_occurrence():
-    rows = [row("a"), row("b"), row("a", source="g:3"), row("a", source="g:4")]
-    assert find_duplicates(rows) == [(rows[2], rows[0]), (rows[3], rows[0])]
-    assert all(pair[0] is rows[i] for pair, i in zip(find_duplicates(rows), (2, 3)))
-
-
-def test_eval_rows_that_are_training_rows():
-    rows = [row("a", "eval"), row("a"), row("b", "eval"), row("c"), row("c", "eval")]
-    assert eval_in_train(rows) == [(rows[0], rows[1]), (rows[4], rows[3])]
+def test_the_digest_carries_the_fraction_and_tells_rows_apart():
+    rows = [row(f"question {index}") for index in range(50)]
+    digests = np.array([r.digest for r in rows], dtype=f"S{DIGEST_BYTES}")
+    assert digest_fractions(digests).tolist() == [r.fraction for r in rows]
+    assert len(set(digests.tolist())) == 50 and row("question 3", "eval", "x:9").digest == rows[3].digest
 
 
 def test_hash_split_keeps_one_row_on_each_side():
@@ -52,30 +48,12 @@ def test_hash_split_keeps_one_row_on_each_side():
 
 
 def test_hash_split_is_deterministic_and_keeps_repeats_together():
-    def rows() -> list[Row]:
-        made = [row(f"question {index}", source=f"f:{index}") for index in range(200)]
-        return made + [row(f"question {index}", source=f"f:{200 + index}") for index in range(10)]
-
-    first, again = rows(), rows()
-    assign_splits(first, 0.2, has_eval_files=False)
-    assign_splits(again, 0.2, has_eval_files=False)
-    assert [r.split for r in first] == [r.split for r in again]
-    held_out = {r.canonical for r in first if r.split == "eval"}
-    assert not held_out & {r.canonical for r in first if r.split == "train"}
+    rows = [row(f"question {index}") for index in range(200)] + [row(f"question {index}") for index in range(10)]
+    held = hash_split([r.fraction for r in rows], 0.2)
+    assert held == hash_split([r.fraction for r in rows], 0.2)
+    held_out = {r.canonical for r, out in zip(rows, held) if out}
+    assert not held_out & {r.canonical for r, out in zip(rows, held) if not out}
     assert 20 < len(held_out) < 60
-
-
-def test_eval_files_keep_the_splits_they_came_with():
-    rows = [row(f"q{index}") for index in range(20)] + [row("held", "eval")]
-    assign_splits(rows, 0.5, has_eval_files=True)
-    assert [r.split for r in rows] == ["train"] * 20 + ["eval"]
-
-
-def test_content_key_covers_text_and_split_not_source():
-    rows = [row("a"), row("b", "eval")]
-    assert content_key(rows) == content_key([row("a", source="moved:0"), row("b", "eval", source="moved:1")])
-    assert content_key(rows) != content_key([row("a"), row("b")])
-    assert content_key(rows) != content_key([row("a"), Row(chat("b", "B."), "eval", "f.jsonl:0")])
 
 
 def test_written_rows_read_back_in_order(tmp_path):
@@ -118,7 +96,7 @@ def test_a_row_without_tools_is_hashed_and_written_exactly_as_before_tools_exist
 def test_tools_are_part_of_the_content_and_written_only_when_given(tmp_path):
     with_tools, without = Row(CALLING, "train", "f:0", [WEATHER]), Row(CALLING, "train", "f:1")
     assert with_tools.canonical == json.dumps({"messages": CALLING, "tools": [WEATHER]}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    assert find_duplicates([with_tools, without]) == [] and content_key([with_tools]) != content_key([without])
+    assert with_tools.digest != without.digest
     assert list(json.loads(with_tools.as_json())) == ["messages", "tools", "split", "source"]
     path = tmp_path / "data.jsonl"
     write_canonical(path, [with_tools, without])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import errno
 import gzip
-import hashlib
 import io
 import json
 import lzma
@@ -133,15 +132,6 @@ def read_source(source: Source, storage_options: dict[str, Any]) -> bytes | None
     if source.hub_split:
         return None
     return b"".join(read_chunks(source, storage_options))
-
-
-def hash_stream(source: Source, storage_options: dict[str, Any]) -> str:
-    """The hash of a file's stored bytes, streamed: the cache key is computed before the stage runs,
-    and must not hold every file in memory at once."""
-    digest = hashlib.sha256()
-    for block in read_chunks(source, storage_options):
-        digest.update(block)
-    return digest.hexdigest()  # equals hash_bytes(read_source(...)): the stage re-keys by what it parsed
 
 
 def read_chunks(source: Source, storage_options: dict[str, Any], chunk: int = 1 << 20) -> Iterator[bytes]:

@@ -7,7 +7,11 @@ One object a line: {"messages": [MESSAGE, ...], "tools": [TOOL, ...], "split": "
 "tool_call_id" and "name"; a TOOL is {"type": "function", "function": {"name", "description",
 "parameters"}} (the canonical-tools contract, issue 12). Which rows are held out, which repeat one
 another and the key later stages cache on are all decided from the messages and tools alone, never
-from `source`, so the same text lands the same way whatever its file is called."""
+from `source`, so the same text lands the same way whatever its file is called.
+
+A validated dataset is shards of such files (one per shard of the input, tasks/core/shards.py) and
+a manifest: the shards in order and one byte a row saying whether it is dropped (a duplicate),
+trained on or held out. `read_dataset` reads it back as rows."""
 
 from __future__ import annotations
 
@@ -22,7 +26,6 @@ import fsspec
 import numpy as np
 
 from tasks.core import storage
-from tasks.core.hashing import hash_bytes
 
 DIGEST_BYTES = 16
 # A row's place in the dataset, one byte a row in a validated manifest's selection.
@@ -50,9 +53,9 @@ class Row:
     @property
     def fraction(self) -> float:
         """Where the row's content hash falls in [0, 1): the same text always lands the same."""
-        return int(hashlib.sha256(self.canonical.encode("utf-8")).hexdigest()[:8], 16) / 16**8
+        return int.from_bytes(self.digest[:4], "big") / 2**32
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
         """The first 16 bytes of the content hash: what duplicates and splits are decided on
         across shards (16 bytes a row, not the row). Its first 4 bytes give `fraction`."""
@@ -90,23 +93,7 @@ def tools_chars(tools: list[dict[str, Any]]) -> int:
     return _json_chars(tools) if tools else 0
 
 
-# --- duplicates and split ----------------------------------------------------------------------
-
-
-def find_duplicates(rows: list[Row]) -> list[tuple[Row, Row]]:
-    """(duplicate, first occurrence) for every row whose messages and tools equal an earlier row's."""
-    first: dict[str, Row] = {}
-    return [(row, first[row.canonical]) for row in rows if first.setdefault(row.canonical, row) is not row]
-
-
-def eval_in_train(rows: list[Row]) -> list[tuple[Row, Row]]:
-    """(eval row, training row) for every eval row whose content is also a training row's: the
-    eval loss on it measures memorisation. A hash split never does this; eval files can."""
-    trained: dict[str, Row] = {}
-    for row in rows:
-        if row.split == "train":
-            trained.setdefault(row.canonical, row)
-    return [(row, trained[row.canonical]) for row in rows if row.split == "eval" and row.canonical in trained]
+# --- the split --------------------------------------------------------------------------------
 
 
 def hash_split(fractions: list[float], eval_fraction: float) -> list[bool]:
@@ -124,21 +111,7 @@ def hash_split(fractions: list[float], eval_fraction: float) -> list[bool]:
     return held
 
 
-def assign_splits(rows: list[Row], eval_fraction: float, has_eval_files: bool) -> None:
-    """Set each row's split by its content hash, unless eval files were given."""
-    if has_eval_files:
-        return  # rows already carry their source's split
-    for row, held_out in zip(rows, hash_split([row.fraction for row in rows], eval_fraction)):
-        row.split = "eval" if held_out else "train"
-
-
 # --- the JSONL file ----------------------------------------------------------------------------
-
-
-def content_key(rows: list[Row]) -> str:
-    """The key downstream stages cache on: what they read (text and split), not the `source`
-    labels, so renaming or moving a data file does not invalidate tokenization."""
-    return hash_bytes("".join(f"{row.split}\t{row.canonical}\n" for row in rows).encode("utf-8"))
 
 
 def write_canonical(path: Path, rows: list[Row]) -> None:
