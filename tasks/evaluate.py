@@ -26,11 +26,10 @@ from schemas.config import EvalOptions, GateOptions, TemplateOptions
 from schemas.manifests import Champion, DataArtifact, EvalArtifact, ModelArtifact, TokenizedArtifact, TrainArtifact
 from tasks import reporting
 from tasks.artifacts import publisher
-from tasks.caching import content_cache_key
 from tasks.core import collate, formatting, hashing, metrics, modeling, rows, scoring, storage
 from tasks.core.scoring import finite
 from tasks.reporting import number
-from tasks.retrying import retry_transient
+from tasks.retrying import cached_stage
 
 logger = logging.getLogger(__name__)
 
@@ -339,13 +338,7 @@ def _publish_eval_artifacts(result: EvalArtifact, storage_options: dict[str, Any
 CODE_VERSION = hashing.code_version(sys.modules[__name__], scoring, reporting, rows, metrics, modeling, collate, formatting)
 
 
-@task(
-    name="evaluate",
-    cache_key_fn=content_cache_key(evaluate_entry, "cache_storage_options"),
-    persist_result=True,
-    retries=1,
-    retry_condition_fn=retry_transient,
-)
+@task(**cached_stage("evaluate", evaluate_entry, delays=(0,)))
 def evaluate_task(
     data: DataArtifact,
     tokenized: TokenizedArtifact,

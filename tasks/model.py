@@ -20,10 +20,9 @@ from prefect import task
 
 from schemas.config import EMBEDDED_MODEL
 from schemas.manifests import ModelArtifact
-from tasks.caching import content_cache_key
 from tasks.core import embedded, hashing, storage
 from tasks.core.modeling import ModelSourceError, check_model_folder  # the error is raised from here too
-from tasks.retrying import retry_transient
+from tasks.retrying import cached_stage
 
 logger = logging.getLogger(__name__)
 
@@ -157,14 +156,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 CODE_VERSION = hashing.code_version(sys.modules[__name__])
 
 
-@task(
-    name="import-model",
-    cache_key_fn=content_cache_key(model_entry, "cache_storage_options"),
-    persist_result=True,
-    retries=2,
-    retry_condition_fn=retry_transient,
-    retry_delay_seconds=[5, 30],
-)
+@task(**cached_stage("import-model", model_entry, delays=(5, 30)))
 def import_model_task(
     model: str, cache_dir: str, trust_remote_code: bool = False, cache_storage_options: dict[str, Any] | None = None
 ) -> ModelArtifact:

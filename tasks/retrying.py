@@ -8,9 +8,9 @@ resumes from its last checkpoint), and an input file that changed while the stag
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
-from tasks.caching import InputsChangedError
+from tasks.caching import EntryFn, InputsChangedError, content_cache_key
 from tasks.core.shards import ShardChangedError
 from tasks.core.trainer import WorkerError, is_out_of_memory
 
@@ -38,3 +38,18 @@ def retry_transient_shard(task: Any, task_run: Any, state: Any) -> bool:
     """A shard's: as a stage's, except for a shard whose file changed after it was planned; that
     plan is stale, so the stage retries instead (it plans again)."""
     return retry_transient(task, task_run, state) and not isinstance(state.data, ShardChangedError)
+
+
+def cached_stage(
+    name: str, entry: EntryFn, delays: Sequence[float] = (2, 10), retry_condition: Callable[..., bool] = retry_transient
+) -> dict[str, Any]:
+    """The `@task` options of a cached stage: Prefect's cache key is the stage's content key (its
+    entry function's), results persist, and transient errors are retried once per delay."""
+    return {
+        "name": name,
+        "cache_key_fn": content_cache_key(entry, "cache_storage_options"),
+        "persist_result": True,
+        "retries": len(delays),
+        "retry_condition_fn": retry_condition,
+        "retry_delay_seconds": list(delays),
+    }

@@ -31,13 +31,12 @@ from schemas.config import DataOptions, TemplateOptions
 from schemas.manifests import DataArtifact, ModelArtifact, ShardArtifact, TokenizedArtifact
 from tasks import sharding
 from tasks.artifacts import publisher
-from tasks.caching import content_cache_key
 from tasks.core import formatting, hashing, storage
 from tasks.core import rows as canonical
 from tasks.core.collate import IGNORE_INDEX
 from tasks.core.readers import DataValidationError
 from tasks.core.rows import read_canonical
-from tasks.retrying import retry_transient, retry_transient_shard
+from tasks.retrying import cached_stage, retry_transient_shard
 from tasks.sharding import ShardRunner
 
 logger = logging.getLogger(__name__)
@@ -365,28 +364,14 @@ def read_entry(url: str, storage_options: dict[str, Any] | None = None) -> dict[
 CODE_VERSION = hashing.code_version(sys.modules[__name__], formatting, canonical)
 
 
-@task(
-    name=SHARD_STAGE,
-    cache_key_fn=content_cache_key(shard_entry, "cache_storage_options"),
-    persist_result=True,
-    retries=2,
-    retry_condition_fn=retry_transient_shard,
-    retry_delay_seconds=[2, 10],
-)
+@task(**cached_stage(SHARD_STAGE, shard_entry, retry_condition=retry_transient_shard))
 def tokenize_shard_task(
     shard: RowsShard, model: ModelArtifact, options: TemplateOptions, cache_dir: str, cache_storage_options: dict[str, Any] | None = None
 ) -> ShardArtifact:
     return tokenize_shard(shard, model, options, cache_dir, cache_storage_options)
 
 
-@task(
-    name=STAGE,
-    cache_key_fn=content_cache_key(tokenize_entry, "cache_storage_options"),
-    persist_result=True,
-    retries=2,
-    retry_condition_fn=retry_transient,
-    retry_delay_seconds=[2, 10],
-)
+@task(**cached_stage(STAGE, tokenize_entry))
 def tokenize_task(
     data: DataArtifact,
     model: ModelArtifact,

@@ -18,9 +18,8 @@ from prefect import task
 from schemas.config import TrainOptions
 from schemas.manifests import ModelArtifact, TokenizedArtifact, TrainArtifact
 from tasks.artifacts import in_prefect_run
-from tasks.caching import content_cache_key
 from tasks.core import checkpoints, collate, hashing, launcher, storage, train_settings, trainer
-from tasks.retrying import retry_transient
+from tasks.retrying import cached_stage
 
 logger = logging.getLogger(__name__)
 
@@ -211,14 +210,7 @@ def _release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-@task(
-    name="train",
-    cache_key_fn=content_cache_key(train_entry, "cache_storage_options"),
-    persist_result=True,
-    retries=2,
-    retry_condition_fn=retry_transient,
-    retry_delay_seconds=[5, 30],
-)
+@task(**cached_stage("train", train_entry, delays=(5, 30)))
 def train_task(
     tokenized: TokenizedArtifact,
     model: ModelArtifact,

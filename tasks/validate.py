@@ -37,7 +37,7 @@ from schemas.config import DataOptions
 from schemas.manifests import DataArtifact, ShardArtifact
 from tasks import sharding
 from tasks.artifacts import publisher
-from tasks.caching import content_cache_key, ensure_record_matches
+from tasks.caching import ensure_record_matches
 from tasks.core import readers, shards, storage
 from tasks.core import rows as canonical
 from tasks.core.hashing import code_version, hash_bytes, hash_parts
@@ -47,7 +47,7 @@ from tasks.core.rows import (
     write_canonical,
 )
 from tasks.core.shards import ShardSpec
-from tasks.retrying import retry_transient, retry_transient_shard
+from tasks.retrying import cached_stage, retry_transient_shard
 from tasks.sharding import ShardRunner
 
 STAGE = "validate-data"
@@ -628,28 +628,14 @@ def publish_validation_table(artifact: DataArtifact) -> None:
     create_table_artifact(table=report_table(artifact.stats), key="validation-report", description=f"Validation report: {artifact.report_uri}")
 
 
-@task(
-    name=SHARD_STAGE,
-    cache_key_fn=content_cache_key(shard_entry, "cache_storage_options"),
-    persist_result=True,
-    retries=2,
-    retry_condition_fn=retry_transient_shard,
-    retry_delay_seconds=[2, 10],
-)
+@task(**cached_stage(SHARD_STAGE, shard_entry, retry_condition=retry_transient_shard))
 def validate_shard_task(
     spec: ShardSpec, options: DataOptions, cache_dir: str, cache_storage_options: dict[str, Any] | None = None
 ) -> ShardArtifact:
     return validate_shard(spec, options, cache_dir, cache_storage_options)
 
 
-@task(
-    name=STAGE,
-    cache_key_fn=content_cache_key(validate_entry, "cache_storage_options"),
-    persist_result=True,
-    retries=2,
-    retry_condition_fn=retry_transient,
-    retry_delay_seconds=[2, 10],
-)
+@task(**cached_stage(STAGE, validate_entry))
 def validate_task(
     data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str, cache_storage_options: dict[str, Any] | None = None
 ) -> DataArtifact:
