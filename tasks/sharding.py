@@ -32,6 +32,8 @@ from tasks.core import storage
 ShardRunner = Callable[..., list[ShardArtifact]]
 BIG_WORK_BYTES = 16 << 20  # about 20k alpaca rows: below this one process is done before a pool has started
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Work:
@@ -42,16 +44,14 @@ class Work:
     def big(self) -> bool:
         return self.pending_bytes >= BIG_WORK_BYTES
 
-logger = logging.getLogger(__name__)
-
 
 class SharedStorageError(ValueError):
     """A shard was written where this process cannot read it: the cache is not shared storage."""
 
 
-def process_private(cache_dir: str) -> bool:
-    """A cache that other processes cannot see (fsspec's memory filesystem lives in one process)."""
-    return cache_dir.startswith("memory://")
+def process_private(url: str) -> bool:
+    """A location other processes cannot see (fsspec's memory filesystem lives in one process)."""
+    return url.startswith("memory://")
 
 
 def one_core_each() -> None:
@@ -88,8 +88,8 @@ def local_runner(workers: int, cache_dir: str) -> ShardRunner:
 
 
 def prefect_runner(task: Any, options: DataOptions, cache_dir: str) -> ShardRunner:
-    """Shards as runs of `task`: mapped over a Dask cluster (options.dask_address), local worker
-    processes (more than one shard to build), or called here one after another."""
+    """Shards as runs of `task`: mapped over a Dask cluster (options.dask_address), over local
+    worker processes (options.workers; automatic: big work only), or called here one by one."""
 
     def run(fn: Callable, items: list, done: list[bool], work: Work, **common: Any) -> list[ShardArtifact]:
         results: list[Any] = [task(item, **common) if finished else None for item, finished in zip(items, done)]
@@ -119,10 +119,12 @@ def _task_runner(options: DataOptions, cache_dir: str, pending: int, work: Work)
                 f"cache_dir {cache_dir} or an input lives inside this process (memory://): Dask workers cannot reach it. "
                 "Give them storage they share with this process (s3://, gs://, or one shared path)"
             )
+        if not pending:
+            return None
         from prefect_dask import DaskTaskRunner
 
         logger.info("%d shards on the Dask cluster at %s", pending, options.dask_address)
-        return DaskTaskRunner(address=options.dask_address) if pending else None
+        return DaskTaskRunner(address=options.dask_address)
     processes = worker_count(options.workers, pending, work, cache_dir)
     if processes <= 1:
         return None
