@@ -71,8 +71,8 @@ class DataOptions(_Section):
     workers: int = Field(
         0,
         ge=0,
-        description="Local processes that validate and tokenize shards at once; 0: one per CPU core. "
-        "A run with one shard to build does it in the flow's own process.",
+        description="Local processes that validate and tokenize shards at once. 0: automatic, one per CPU core when at least "
+        "16 MB of shards need building, else the flow's own process; N: N processes whenever two shards or more need building.",
     )
     dask_address: str = Field(
         "",
