@@ -120,12 +120,12 @@ def trl_dataset(ours: dict, source: str):
     column), which takes masking out of the comparison."""
     import datasets
 
-    from tasks.core.rows import read_canonical
+    from tasks.core.rows import read_dataset
 
     if source == "our-tokens":
         return datasets.load_from_disk(ours["tokenized"].uri)["train"].select_columns(["input_ids", "labels"])
     rows = [{"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
-            for row in read_canonical(ours["data"].uri) if row["split"] == "train"]
+            for row in read_dataset(ours["data"].uri) if row["split"] == "train"]
     if len(rows) != ours["tokenized"].stats["train"]["kept"]:  # row i of both must be the same example
         raise SystemExit("our tokenize stage dropped training rows (longer than --max-length?): raise --max-length")
     return datasets.Dataset.from_list(rows)

@@ -85,13 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "promote":
             if not args.release:
                 parser.error("promote needs the release name")
-            entry = store.promote(args.release, args.reason or "promoted by hand")
-            tracking.set_champion(TrackingOptions(), args.release)
-            print(f"production -> {entry['production']} (was {entry['previous']})")
+            promote_release.fn(args.output, args.release, args.reason or "promoted by hand", args.output_storage_options)
         else:
-            entry = store.rollback(args.reason or "rolled back by hand")
-            tracking.set_champion(TrackingOptions(), entry["production"])
-            print(f"production -> {entry['production']} (rolled back from {entry['previous']})")
+            rollback_release.fn(args.output, args.reason or "rolled back by hand", args.output_storage_options)
     except ReleaseError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

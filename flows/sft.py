@@ -29,7 +29,7 @@ from flows.report import format_dataset_stats, format_run_summary
 from flows.server import api_for_cli
 from schemas.config import SFTConfig
 from schemas.manifests import Champion, ReleaseInputs, StageResult
-from tasks import reporting, tracking
+from tasks import releases, reporting, tracking
 from tasks.core import storage
 from tasks.core.modeling import ModelSourceError
 from tasks.core.storage import RefusedTargetError
@@ -211,8 +211,8 @@ def _finish(ledger: RunLedger, status: str, exported: bool = False) -> dict[str,
     options = ledger.config.output_storage_options
     stamp = ledger.started.strftime("%Y%m%dT%H%M%SZ")
     built_release = exported and ledger.stages["export"]["cache"] == "miss"
-    url = storage.join(ledger.stages["export"]["uri"], "run_manifest.json") if built_release else storage.join(
-        ledger.config.output, "attempts", f"{stamp}-{status}", "run_manifest.json"
+    url = storage.join(ledger.stages["export"]["uri"], releases.MANIFEST) if built_release else storage.join(
+        ledger.config.output, releases.ATTEMPTS, f"{stamp}-{status}", releases.MANIFEST
     )
     if built_release:
         # Keep what export added (content hashes, code version); add export's own timing.

@@ -42,8 +42,8 @@ CODE_PACKAGES = ("flows", "schemas", "tasks")
 LIBRARIES = ("torch", "transformers", "peft", "datasets", "safetensors", "prefect")
 
 
-RELEASE_MANIFEST = "run_manifest.json"
-ATTEMPTS = "attempts"  # run records kept inside the output folder (tasks that did not build the release)
+RELEASE_MANIFEST = releases.MANIFEST
+ATTEMPTS = releases.ATTEMPTS  # run records kept inside the output folder (tasks that did not build the release)
 ATTEMPT_NAME = re.compile(r"^\d{8}T\d{6}Z-[a-z-]+$")
 
 
@@ -272,12 +272,13 @@ def save_weights(scratch: Path, base_dir: Path, trained_dir: Path, release: Rele
                 shutil.copy2(path, scratch / "adapter" / path.name)
         if not release.options.merge_lora:
             return
-        final = modeling.merge_lora(base_dir, adapter, trust)
+        # Cast once, from the fp32 merge: via the base's dtype, a float32 release of a bf16 base would lose precision.
+        final = modeling.merge_lora(base_dir, adapter, trust, dtype=release_dtype(base_dir, release.options, trust))
     elif method == "full":
         final = modeling.load_causal_lm(trained_dir / "model", trust, dtype="auto")
+        final = final.to(release_dtype(base_dir, release.options, trust))
     else:
         raise ValueError(f"unknown training method {method!r}")
-    final = final.to(release_dtype(base_dir, release.options, trust))
     final.config.use_cache = True  # training turns the KV cache off; generation wants it on
     generation = final.generation_config
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

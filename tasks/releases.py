@@ -83,9 +83,13 @@ class ReleaseStore:
         return sorted(name for name in found if RELEASE_NAME.match(name) and storage.is_complete(self.release_url(name), self.options))
 
     def info(self, name: str) -> ReleaseInfo:
-        # One marker read, not a listing of every release: find() and releases() call this per name.
+        """A release named by a user: checked to be complete (one marker read, not a listing)."""
         if not RELEASE_NAME.match(name) or not storage.is_complete(self.release_url(name), self.options):
             raise ReleaseError(f"no complete release named {name!r} under {self.url}/{RELEASES}")
+        return self._read_info(name)
+
+    def _read_info(self, name: str) -> ReleaseInfo:
+        """A release that names() listed, so already known complete."""
         manifest = storage.read_json(storage.join(self.release_url(name), MANIFEST), self.options)
         release = manifest.get("release", {})
         return ReleaseInfo(
@@ -103,12 +107,12 @@ class ReleaseStore:
     def find(self, key: str) -> str | None:
         """The newest complete release built from exactly these inputs (its release key)."""
         for name in reversed(self.names()):
-            if name.endswith(key[:KEY_CHARS]) and self.info(name).key == key:
+            if name.endswith(key[:KEY_CHARS]) and self._read_info(name).key == key:
                 return name
         return None
 
     def releases(self) -> list[ReleaseInfo]:
-        return [self.info(name) for name in self.names()]
+        return [self._read_info(name) for name in self.names()]
 
     # -- pointers --------------------------------------------------------------------------------
 

@@ -242,9 +242,9 @@ def assemble(
             (scratch / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
     except OSError:
         # Two rebuilds racing on one key: the other one's swap can make ours fail; its entry is fine.
-        if read_entry(url, cache_options) is None:
-            raise
         stats = read_entry(url, cache_options)
+        if stats is None:
+            raise
     return stats
 
 

@@ -84,18 +84,18 @@ def shard_entry(spec: ShardSpec, options: DataOptions, cache_dir: str) -> tuple[
     """(key, url) of one shard's validated rows: its bytes, where they sit in their file, the
     options that shape rows and the code that does (CODE_VERSION)."""
     key = hash_parts(spec.identity(), options.content_settings(), CODE_VERSION)
-    return key, storage.join(cache_dir, "validated-shards", key)
+    return key, canonical.shard_url(cache_dir, key)
 
 
-def _entry(specs: list[ShardSpec], options: DataOptions, cache_dir: str) -> tuple[str, str]:
-    key = hash_parts("dataset", [shard_entry(spec, options, cache_dir)[0] for spec in specs])
-    return key, storage.join(cache_dir, "validated", key)
+def _entry(shard_keys: list[str], cache_dir: str) -> tuple[str, str]:
+    key = hash_parts("dataset", shard_keys)
+    return key, canonical.dataset_url(cache_dir, key)
 
 
 def validate_entry(data: list[str], eval_data: list[str], options: DataOptions, cache_dir: str) -> tuple[str, str]:
     """(key, url) of the dataset's entry (Prefect's cache key): the shards' keys in order. Streams
     the files once to hash them."""
-    return _entry(plan(data, eval_data, options), options, cache_dir)
+    return _entry([shard_entry(spec, options, cache_dir)[0] for spec in plan(data, eval_data, options)], cache_dir)
 
 
 # --- checking ----------------------------------------------------------------------------------
@@ -309,8 +309,8 @@ def validate_shard(
     A shard that cannot be read at all, or holds invalid rows, is published too (what is wrong
     with given bytes never changes): the dataset step reports every shard's problems at once."""
     key, url = shard_entry(spec, options, cache_dir)
-    if storage.is_complete(url, cache_storage_options):
-        return _shard_artifact(url, key, storage.read_json(storage.join(url, SHARD_FILE), cache_storage_options), store_hit=True)
+    if storage.is_complete(url, cache_storage_options):  # the dataset step reads its summary
+        return ShardArtifact(stage=SHARD_STAGE, uri=url, key=key, store_hit=True)
     summary = {"file": spec.source.name, "split": spec.source.split, "first_row": spec.row_start, "format": None, "rows_read": 0,
                "problem": None, "failures": []}
     rows: list[Row] = []
@@ -364,12 +364,13 @@ def validate_data(
     `runner`); publish the dataset's manifest and report under its key. `cache_storage_options`
     are the fsspec options of `cache_dir` (never part of any key)."""
     specs = plan(data, eval_data, options)
-    key, url = _entry(specs, options, cache_dir)
+    entries = [shard_entry(spec, options, cache_dir) for spec in specs]
+    key, url = _entry([shard_key for shard_key, _ in entries], cache_dir)
     if storage.is_complete(url, cache_storage_options):
         report = storage.read_json(storage.join(url, "report.json"), cache_storage_options)
         return _artifact(url, report, {"total": len(specs), "built": 0}, store_hit=True)
     runner = runner or sharding.local_runner(workers, cache_dir)
-    done = [storage.is_complete(shard_entry(spec, options, cache_dir)[1], cache_storage_options) for spec in specs]
+    done = [storage.is_complete(shard_url, cache_storage_options) for _, shard_url in entries]
     work = sharding.Work(
         pending_bytes=sum(spec.size for spec, finished in zip(specs, done) if not finished),
         private=any(sharding.process_private(spec.source.url) for spec in specs),

@@ -129,11 +129,12 @@ def load_tuned(
     raise ValueError(f"unknown training method {method!r}")
 
 
-def merge_lora(base_folder: str | Path, adapter_folder: str | Path, trust_remote_code: bool = False):
-    """Base + adapter merged into plain weights (merged in fp32, then cast back to the base's dtype)."""
+def merge_lora(base_folder: str | Path, adapter_folder: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+    """Base + adapter merged into plain weights (merged in fp32, then cast once to `dtype`, by
+    default the base's)."""
     base_folder = check_model_folder(base_folder)  # before AutoConfig, whose errors speak of hub repos
     wrapped = attach_adapter(load_causal_lm(base_folder, trust_remote_code, torch.float32), adapter_folder)
-    return wrapped.merge_and_unload().to(saved_dtype(base_folder, trust_remote_code)).eval()
+    return wrapped.merge_and_unload().to(dtype or saved_dtype(base_folder, trust_remote_code)).eval()
 
 
 def saved_dtype(folder: str | Path, trust_remote_code: bool = False) -> torch.dtype:

@@ -154,7 +154,7 @@ def read_chunks(source: Source, storage_options: dict[str, Any], chunk: int = 1 
 
 
 def _decompress(url: str, raw: bytes) -> bytes:
-    compression = next((name for suffix, name in COMPRESSIONS.items() if url.lower().endswith(suffix)), None)
+    compression = file_kind_and_compression(url)[1]
     if compression is None:
         return raw
     try:

@@ -101,11 +101,12 @@ def hash_split(fractions: list[float], eval_fraction: float) -> list[bool]:
     one eval row (the smallest hash) and one train row whenever there are two rows or more."""
     if len(fractions) < 2:
         return [False] * len(fractions)
+    low, high = min(fractions), max(fractions)
     held = [fraction < eval_fraction for fraction in fractions]
     if eval_fraction > 0 and not any(held):
-        held = [fraction == min(fractions) for fraction in fractions]
+        held = [fraction == low for fraction in fractions]
     if all(held):
-        held = [fraction < max(fractions) for fraction in fractions]
+        held = [fraction < high for fraction in fractions]
     if eval_fraction > 0 and not any(held):
         held[-1] = True  # every row has the same text: no split can keep them apart
     return held
@@ -137,12 +138,22 @@ def digest_fractions(digests: np.ndarray) -> np.ndarray:
     return head.astype(np.float64) / 2**32
 
 
+def shard_url(cache_root: str, shard_key: str) -> str:
+    """The entry of one validated shard (validate-data writes it, tokenize reads its rows)."""
+    return storage.join(cache_root, "validated-shards", shard_key)
+
+
+def dataset_url(cache_root: str, key: str) -> str:
+    """The entry of a validated dataset: its manifest, selection and report."""
+    return storage.join(cache_root, "validated", key)
+
+
 def shard_rows_url(cache_root: str, shard_key: str) -> str:
-    return storage.join(cache_root, "validated-shards", shard_key, SHARD_ROWS_FILE)
+    return storage.join(shard_url(cache_root, shard_key), SHARD_ROWS_FILE)
 
 
 def manifest_cache_root(manifest_url: str) -> str:
-    """<cache_dir> of <cache_dir>/validated/<key>/manifest.json."""
+    """<cache_dir> of dataset_url(<cache_dir>, key)/manifest.json."""
     return manifest_url.rsplit("/", 3)[0]
 
 

@@ -63,7 +63,10 @@ def _plan_source(source: Source, storage_options: dict[str, Any], shard_rows: in
             size += len(block)
         return [ShardSpec(source, digest.hexdigest(), size=size)]
     shards = list(_jsonl_ranges(source, _prepend(first, chunks), shard_rows))
-    return shards or [ShardSpec(source, hash_bytes(first), size=len(first))]  # only blank lines: the reader says so
+    if shards:
+        return shards
+    raw = readers.read_source(source, storage_options)  # only blank lines: the whole file, whose reader says so
+    return [ShardSpec(source, hash_bytes(raw), size=len(raw))]
 
 
 def _splittable(url: str, first: bytes) -> bool:

@@ -113,12 +113,25 @@ def atomic_directory(url: str, storage_options: dict[str, Any] | None = None, re
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def current_umask() -> int:
+    """The process umask, read without setting it: os.umask can only read it by changing it, and
+    for that moment every file another thread creates would get the wrong mode."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o077)  # no /proc (macOS): the brief change errs on the private side
+    os.umask(umask)
+    return umask
+
+
 def apply_umask(root: Path) -> None:
     """Give a published tree the permissions the user's umask gives new files, as save_pretrained
     does: scratch folders (mkdtemp, 0700) and temporary files (0600) would otherwise keep a model
     server running as another user (an Ollama or vLLM service account) out."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for path in [root, *root.rglob("*")]:
         if not path.is_symlink():
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

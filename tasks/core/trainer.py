@@ -23,8 +23,10 @@ needs to go on (`tasks.core.checkpoints`); a new run with the same spec starts f
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -117,7 +119,7 @@ class TokenRows:
     def __init__(self, chunks: Sequence[TokenChunk]):
         self.chunks = list(chunks)
         sizes = [len(chunk.offsets) - 1 for chunk in self.chunks]
-        self.starts = torch.tensor([0] + sizes, dtype=torch.long).cumsum(0)
+        self.starts = list(itertools.accumulate(sizes, initial=0))  # example(i) looks its chunk up once per example
         self.lengths = torch.cat([chunk.offsets[1:] - chunk.offsets[:-1] for chunk in self.chunks] or [torch.zeros(0, dtype=torch.long)])
         self.loss_tokens = torch.cat([_loss_tokens(chunk) for chunk in self.chunks] or [torch.zeros(0, dtype=torch.long)])
 
@@ -129,11 +131,11 @@ class TokenRows:
         return cls([TokenChunk(flat("input_ids"), flat("labels"), offsets)])
 
     def __len__(self) -> int:
-        return int(self.starts[-1])
+        return self.starts[-1]
 
     def example(self, i: int) -> dict:
-        index = int(torch.searchsorted(self.starts, i, right=True)) - 1
-        chunk, local = self.chunks[index], i - int(self.starts[index])
+        index = bisect.bisect_right(self.starts, i) - 1
+        chunk, local = self.chunks[index], i - self.starts[index]
         start, end = int(chunk.offsets[local]), int(chunk.offsets[local + 1])
         return {"input_ids": chunk.input_ids[start:end].tolist(), "labels": chunk.labels[start:end].tolist()}
 
@@ -698,7 +700,8 @@ def _train_loop(session: Session, state: TrainState, ckpts: Checkpoints, meter: 
             bar.update(event)
             if progress is not None:
                 progress(event)
-            new_best = "eval_loss" in record and state.best_step == state.step
+            # A new best is saved at once only when it may be exported: with export_checkpoint 'last' nothing reads it.
+            new_best = session.spec.settings.exports_best and "eval_loss" in record and state.best_step == state.step
             if (state.step % session.spec.settings.checkpoint_every == 0 or new_best) and state.step < total and state.stopped is None:
                 ckpts.protected = {state.best_step}  # the best checkpoint outlives keep_checkpoints
                 save_checkpoint(ckpts, state, session.model, session.optimizer, session.scheduler, session.scaler, session.rt)
