@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tasks.core.collate import IGNORE_INDEX, pack_examples, pack_rows, pad_examples
+from tasks.core.modeling import logits_only_at
 from tasks.core.trainer import TokenRows, make_batch
 
 EXAMPLES = [
@@ -42,13 +43,12 @@ def test_pad_examples_masks_padding_by_mask_not_by_id():
 def test_make_batch_keeps_only_positions_whose_next_token_has_loss(packing):
     rows = TokenRows.from_examples(EXAMPLES)
     assert rows.loss_tokens.tolist() == [2, 1]  # label 0 of an example is never a target
-    inputs, targets = make_batch(rows, [0, 1], packing, pad_token_id=0, device=torch.device("cpu"))
+    batch = make_batch(rows, [0, 1], packing, pad_token_id=0, device=torch.device("cpu"))
     if packing:
-        assert inputs["logits_to_keep"].tolist() == [[True, True, False, True, False]]
-        assert targets.tolist() == [6, 7, 9]
+        assert batch.keep.tolist() == [[True, True, False, True, False]]
     else:
-        assert inputs["logits_to_keep"].tolist() == [[True, True, False], [True, False, False]]
-        assert targets.tolist() == [6, 7, 9]
+        assert batch.keep.tolist() == [[True, True, False], [True, False, False]]
+    assert batch.targets.tolist() == [6, 7, 9]
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +99,15 @@ def test_capped_packed_rows_keep_solo_logits(tiny_llama):
     assert (found, pads) == (len(examples), 1)
 
 
-def test_packed_logits_to_keep_selects_the_same_rows(tiny_llama):
-    """The trainer's boolean `logits_to_keep` returns exactly the kept rows of the full logits."""
+@pytest.mark.parametrize("packing", [True, False])
+def test_logits_only_at_the_kept_positions(packing, tiny_llama):
+    """The LM-head hook returns exactly the kept rows of the full logits, for one packed row and for
+    padded rows, and leaves the model as it was."""
     rows = TokenRows.from_examples([{"input_ids": [11, 12, 13, 14], "labels": [-100, -100, 13, 14]}, *EXAMPLES])
-    inputs, targets = make_batch(rows, [0, 1, 2], packing=True, pad_token_id=0, device=torch.device("cpu"))
-    keep = inputs.pop("logits_to_keep")
+    batch = make_batch(rows, [0, 1, 2], packing=packing, pad_token_id=0, device=torch.device("cpu"))
     with torch.no_grad():
-        full = tiny_llama(**inputs, use_cache=False).logits[0]
-        kept = tiny_llama(**inputs, logits_to_keep=keep, use_cache=False).logits
-    torch.testing.assert_close(kept, full[keep[0]], atol=1e-5, rtol=1e-5)
-    assert targets.tolist() == [13, 14, 6, 7, 9] and int(keep.sum()) == 5
+        with logits_only_at(tiny_llama, batch.keep):
+            kept = tiny_llama(**batch.inputs, use_cache=False).logits
+        full = tiny_llama(**batch.inputs, use_cache=False).logits
+    torch.testing.assert_close(kept, full[batch.keep], atol=1e-5, rtol=1e-5)
+    assert batch.targets.tolist() == [13, 14, 6, 7, 9] and kept.shape[0] == 5

@@ -145,7 +145,7 @@ def test_memory_estimate_is_the_largest_batch_tensor_of_the_run(packing, row_tok
     plan = trainer.plan_steps(rows, settings, world=1)
     order = trainer.DataOrder(len(rows), settings.seed)
     sizes = [
-        trainer.make_batch(rows, micro, packing, 0, torch.device("cpu"), row_tokens)[0]["input_ids"].numel()
+        trainer.make_batch(rows, micro, packing, 0, torch.device("cpu"), row_tokens).inputs["input_ids"].numel()
         for step in range(plan.total_steps)
         for micro in trainer.rank_micro_batches(order.global_batch(step, plan.global_batch), 0, 1, 4)
     ]

@@ -8,6 +8,7 @@ the caller passes `trust_remote_code=True`."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,23 @@ def load_release(release_dir: str | Path, base_dir: str | Path, trust_remote_cod
         return load_causal_lm(release_dir, trust_remote_code, dtype, device)
     base = load_causal_lm(base_dir, trust_remote_code, dtype, device)
     return attach_adapter(base, release_dir / "adapter").eval()
+
+
+@contextlib.contextmanager
+def logits_only_at(model, keep: torch.Tensor):
+    """Within this block the model's LM head sees only the hidden states where `keep` (a boolean
+    mask over (batch, sequence)) is True, so `.logits` is (kept positions, vocab).
+
+    A pre-hook on the output embeddings, not the `logits_to_keep` argument: only transformers 5.21+
+    accepts a 2-D mask there (older 5.x index `hidden_states[:, mask, :]` and fail), and remote-code
+    models may not take the argument at all. The hook fires inside the wrapped model's own forward,
+    so DDP's and FSDP's hooks around it run as usual."""
+    head = unwrap(model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][keep], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def unwrap(model):

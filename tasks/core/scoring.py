@@ -31,17 +31,14 @@ def response_loss(model, examples: Sequence[dict], batch_size: int) -> dict[str,
     for start in range(0, len(examples), batch_size):
         batch = collate.pack_examples(examples[start : start + batch_size])
         targets = batch["labels"][0, 1:]
-        keep = (targets != collate.IGNORE_INDEX).nonzero().squeeze(-1)
-        if keep.numel() == 0:
+        keep = targets != collate.IGNORE_INDEX  # position i predicts token i + 1; the last predicts nothing
+        if not keep.any():
             continue
-        logits = model(
-            input_ids=batch["input_ids"].to(device),
-            position_ids=batch["position_ids"].to(device),
-            use_cache=False,
-            logits_to_keep=keep.to(device),
-        ).logits[0]
+        positions = torch.cat([keep, keep.new_zeros(1)]).unsqueeze(0)
+        with modeling.logits_only_at(model, positions.to(device)):
+            logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), use_cache=False).logits
         total_nll += F.cross_entropy(logits.float(), targets[keep].to(device), reduction="sum").item()
-        total_tokens += keep.numel()
+        total_tokens += int(keep.sum())
     loss = total_nll / total_tokens if total_tokens else None
     return {
         "eval_loss": loss,

@@ -7,7 +7,7 @@ it (in this process, or as torchrun's workers); `tasks.core.checkpoints` saves a
 What makes it fast: packed rows (examples concatenated, positions restarting, so attention stays
 block-diagonal; one row per micro-batch under flex attention, rows capped at the longest example
 under sdpa, whose cost grows with the square of a row), logits only at positions that carry loss
-(`logits_to_keep` as a boolean mask) with the cross-entropy in fp32 chunks, a fused (CUDA) or
+(a pre-hook on the LM head) with the cross-entropy in fp32 chunks, a fused (CUDA) or
 foreach (CPU) AdamW, bf16 autocast on GPUs, gradient checkpointing only when the memory estimate
 for the run's largest micro-batch asks for it, regional torch.compile for long CUDA runs.
 
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tasks.core import storage
 from tasks.core.checkpoints import Checkpoints, TrainState, load_checkpoint, load_weights, save_checkpoint, unique_tensors
 from tasks.core.collate import IGNORE_INDEX, pack_examples, pack_rows, packed_shape, pad_examples
-from tasks.core.modeling import pick_device, unwrap
+from tasks.core.modeling import logits_only_at, pick_device, unwrap
 from tasks.core.train_settings import TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -218,12 +218,21 @@ def rank_micro_batches(batch: Sequence[int], rank: int, world: int, micro: int) 
     return [share[i : i + micro] for i in range(0, len(share), micro)]
 
 
+@dataclass
+class Batch:
+    """One micro-batch on its device: the model inputs, the positions whose next token carries loss
+    (`keep`, boolean (rows, width)) and those next tokens (`targets`, one per kept position)."""
+
+    inputs: dict[str, torch.Tensor]
+    keep: torch.Tensor
+    targets: torch.Tensor
+
+
 def make_batch(
     rows: TokenRows, indices: Sequence[int], packing: bool, pad_token_id: int, device: torch.device, row_tokens: int | None = None
-) -> tuple[dict, torch.Tensor]:
-    """Model inputs and the loss targets. Packed examples fill rows of at most `row_tokens` tokens
-    (None: one row). `logits_to_keep` marks the positions whose next token carries loss, so the LM
-    head runs on those rows only."""
+) -> Batch:
+    """Packed examples fill rows of at most `row_tokens` tokens (None: one row). The LM head runs
+    on the `keep` positions only (`modeling.logits_only_at`)."""
     examples = [rows.example(i) for i in indices]
     if packing:
         batch = pack_rows(examples, row_tokens, pad_token_id) if row_tokens else pack_examples(examples)
@@ -233,15 +242,16 @@ def make_batch(
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     targets = labels[:, 1:][keep[:, :-1]]
-    inputs = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
-    inputs["logits_to_keep"] = keep.to(device, non_blocking=True)
-    return inputs, targets.to(device, non_blocking=True)
+    move = lambda tensor: tensor.to(device, non_blocking=True)  # noqa: E731
+    return Batch({name: move(tensor) for name, tensor in batch.items()}, move(keep), move(targets))
 
 
-def loss_sum(model: torch.nn.Module, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+def loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Summed cross-entropy over the loss positions, in fp32, chunk by chunk. Half-precision chunks
     are recomputed in backward instead of keeping their fp32 copies."""
-    logits = model(**inputs, use_cache=False).logits  # (loss positions, vocab)
+    with logits_only_at(model, batch.keep):
+        logits = model(**batch.inputs, use_cache=False).logits  # (loss positions, vocab)
+    targets = batch.targets
     if targets.numel() == 0:
         return logits.sum() * 0.0  # keeps every parameter in the graph (DDP expects that)
     recompute = logits.dtype != torch.float32
@@ -533,11 +543,12 @@ class Session:
         try:
             for index in range(passes):
                 chunk = mine[index * o.micro_batch_size : (index + 1) * o.micro_batch_size]
-                inputs, targets = make_batch(rows, chunk or [0], o.packing, self.pad_token_id, rt.device, row_tokens)
+                batch = make_batch(rows, chunk or [0], o.packing, self.pad_token_id, rt.device, row_tokens)
                 with rt.autocast():
-                    loss = loss_sum(self.model, inputs, targets)
+                    loss = loss_sum(self.model, batch)
                 if chunk:  # a rank with nothing left still runs the pass, and adds nothing
-                    totals += torch.stack([loss.double(), torch.tensor(float(targets.numel()), device=rt.device, dtype=torch.float64)])
+                    count = torch.tensor(float(batch.targets.numel()), device=rt.device, dtype=torch.float64)
+                    totals += torch.stack([loss.double(), count])
         finally:
             self.model.train()
         if rt.world > 1:
@@ -562,10 +573,10 @@ class Session:
         micro_batches = rank_micro_batches(batch, rt.rank, rt.world, o.micro_batch_size)
         total = torch.zeros((), device=rt.device)
         for i, indices in enumerate(micro_batches):
-            inputs, targets = make_batch(self.rows, indices, o.packing, self.pad_token_id, rt.device, self.row_tokens)
+            micro = make_batch(self.rows, indices, o.packing, self.pad_token_id, rt.device, self.row_tokens)
             with self._sync(last=i == len(micro_batches) - 1):
                 with rt.autocast():
-                    loss = loss_sum(self.model, inputs, targets)
+                    loss = loss_sum(self.model, micro)
                 scaled = loss * scale
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.detach()
