@@ -135,7 +135,12 @@ class TrainOptions(_Section):
     micro_batch_size: int = Field(
         _TRAIN.micro_batch_size,
         ge=1,
-        description="Examples per forward pass (with packing: packed into micro_batch_size x max_length tokens).",
+        description="Most examples per forward pass (with packing: packed together, each keeping its own attention).",
+    )
+    micro_batch_tokens: int | None = Field(
+        _TRAIN.micro_batch_tokens,
+        ge=1,
+        description="Most token slots (padding included) per forward pass, so memory stays bounded whatever the example lengths; a longer example goes alone. Empty: micro_batch_size alone decides. Never changes the result: the loss is averaged over the whole step.",
     )
     grad_accum: int = Field(_TRAIN.grad_accum, ge=1, description="Micro-batches per optimizer step.")
     weight_decay: float = Field(_TRAIN.weight_decay, ge=0.0, description="AdamW weight decay.")

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # Options that cannot change the trained weights: where the rendezvous is, which node this is,
 # how often and how many checkpoints are kept, and recomputing activations instead of storing them.
-NOT_IN_KEY = ("node_rank", "rdzv_endpoint", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
+NOT_IN_KEY = ("node_rank", "rdzv_endpoint", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing", "micro_batch_tokens")
 LOG_EVERY = 10  # steps between loss lines in the run log
 
 

@@ -44,7 +44,8 @@ def test_cuda_defaults_are_bf16_flex_attention_and_fused_adamw(method, tiny_mode
     run = session(tiny_model_dir, rows, tmp_path, method=method)
     assert (run.rt.device.type, run.rt.precision) == ("cuda", "bf16")
     assert unwrap(run.model).config._attn_implementation == "flex_attention"
-    assert run.row_tokens is None  # flex skips the blocks between examples: one row per micro-batch
+    assert run.batching.row_tokens is None  # flex skips the blocks between examples: one row per micro-batch
+    assert run.batching.pad_multiple == trainer.FLEX_BLOCK
     assert run.optimizer.defaults.get("fused") is True
     assert not run.compiled  # 3 steps are too short to repay compilation
     run.model.train()

@@ -77,7 +77,8 @@ def test_full_fine_tuning_saves_a_loadable_model(tiny_base, tiny_tokenized, tmp_
 
 def test_key_ignores_placement_but_not_numerics(tiny_base, tiny_tokenized):
     key = train_entry(tiny_tokenized, tiny_base, options(), "c")[0]
-    placement = dict(node_rank=1, rdzv_endpoint="10.0.0.1:1", checkpoint_every=7, keep_checkpoints=5, gradient_checkpointing="on")
+    placement = dict(node_rank=1, rdzv_endpoint="10.0.0.1:1", checkpoint_every=7, keep_checkpoints=5, gradient_checkpointing="on",
+                     micro_batch_tokens=64)
     assert set(placement) == set(NOT_IN_KEY)
     assert train_entry(tiny_tokenized, tiny_base, options(**placement), "c")[0] == key
     assert train_entry(tiny_tokenized, tiny_base, options(devices=2), "c")[0] != key
@@ -126,7 +127,8 @@ def test_data_order_is_pure_and_ranks_are_disjoint():
     batches = [trainer.DataOrder(10, seed=3).global_batch(step, 4) for step in range(5)]
     assert batches == [order.global_batch(step, 4) for step in range(5)]
     assert sorted(sum(batches[:2], []) + batches[2][:2]) == list(range(10))  # one epoch, then the next
-    shares = [trainer.rank_micro_batches(batches[0], rank, 2, 1) for rank in range(2)]
+    one_each = trainer.Batching(packing=True, pad_token_id=0, micro_examples=1)
+    shares = [one_each.rank_micro_batches(batches[0], [5] * 10, rank, 2) for rank in range(2)]
     assert shares == [[[batches[0][0]], [batches[0][1]]], [[batches[0][2]], [batches[0][3]]]]
 
 
@@ -136,20 +138,58 @@ def test_epochs_decide_the_step_count_without_max_steps(tiny_tokenized):
     assert (plan.global_batch, plan.total_steps) == (8, 6)  # 2 epochs x 24 rows / 8
 
 
-@pytest.mark.parametrize("packing, row_tokens", [(True, 24), (True, 30), (True, None), (False, None)])
-def test_memory_estimate_is_the_largest_batch_tensor_of_the_run(packing, row_tokens, tiny_tokenized):
+@pytest.mark.parametrize(
+    "packing, row_tokens, pad_multiple, micro_tokens",
+    [(True, 24, 1, None), (True, 30, 1, None), (True, None, 1, None), (True, None, 16, None), (False, None, 1, None),
+     (True, None, 1, 40), (False, None, 1, 40)],
+)
+def test_memory_estimate_is_the_largest_batch_tensor_of_the_run(packing, row_tokens, pad_multiple, micro_tokens, tiny_tokenized):
     """The estimate equals the biggest input tensor make_batch builds over every step of the run
-    (capped rows padded to their widest, one packed row, or padded examples)."""
+    (capped rows padded to their widest, one packed row padded to whole blocks, padded examples,
+    each with and without a token budget)."""
     rows = trainer.load_rows(tiny_tokenized.uri)
-    settings = options(max_steps=5, micro_batch_size=4, grad_accum=2, packing=packing).settings()
+    settings = options(max_steps=5, micro_batch_size=4, grad_accum=2, packing=packing, micro_batch_tokens=micro_tokens).settings()
+    batching = trainer.Batching(packing, 0, 4, micro_tokens, row_tokens, pad_multiple)
     plan = trainer.plan_steps(rows, settings, world=1)
     order = trainer.DataOrder(len(rows), settings.seed)
-    sizes = [
-        trainer.make_batch(rows, micro, packing, 0, torch.device("cpu"), row_tokens).inputs["input_ids"].numel()
-        for step in range(plan.total_steps)
-        for micro in trainer.rank_micro_batches(order.global_batch(step, plan.global_batch), 0, 1, 4)
+    micro_batches = [
+        micro for step in range(plan.total_steps)
+        for micro in batching.rank_micro_batches(order.global_batch(step, plan.global_batch), rows.lengths, 0, 1)
     ]
-    assert trainer.largest_micro_batch(rows, plan, settings, row_tokens) == max(sizes)
+    sizes = [batching.build(rows, micro, torch.device("cpu")).inputs["input_ids"].numel() for micro in micro_batches]
+    assert trainer.largest_micro_batch(rows, plan, settings, batching) == max(sizes)
+    if micro_tokens:  # the budget binds: more micro-batches than 2 a step, each within it unless one example is longer
+        assert len(micro_batches) > 2 * plan.total_steps
+        assert all(size <= micro_tokens for size, micro in zip(sizes, micro_batches) if len(micro) > 1)
+
+
+def test_token_budget_cuts_micro_batches_and_an_example_longer_than_it_goes_alone():
+    lengths = [10, 30, 5, 50, 7, 8]
+    packed = trainer.Batching(packing=True, pad_token_id=0, micro_examples=4, micro_tokens=40)
+    assert packed.cut(range(6), lengths) == [[0, 1], [2], [3], [4, 5]]
+    padded = trainer.Batching(packing=False, pad_token_id=0, micro_examples=4, micro_tokens=40)
+    assert padded.cut(range(6), lengths) == [[0], [1], [2], [3], [4, 5]]  # 2 x 30 slots > 40
+    unbounded = trainer.Batching(packing=True, pad_token_id=0, micro_examples=4)
+    assert unbounded.cut(range(6), lengths) == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_fsdp_ranks_run_the_same_number_of_micro_batches():
+    """Every FSDP forward is a collective: a rank with fewer micro-batches pads with empty ones."""
+    lengths = [30, 30, 30, 5, 5, 5]
+    batching = trainer.Batching(packing=True, pad_token_id=0, micro_examples=3, micro_tokens=40)
+    assert batching.rank_micro_batches(range(6), lengths, 0, 2) == [[0], [1], [2]]
+    assert batching.rank_micro_batches(range(6), lengths, 1, 2) == [[3, 4, 5]]
+    assert batching.rank_micro_batches(range(6), lengths, 1, 2, aligned=True) == [[3, 4, 5], [], []]
+
+
+def test_token_budget_trains_the_same_weights(tiny_base, tiny_tokenized, tmp_path):
+    """A budget that cuts every step into more micro-batches changes memory, not the result."""
+    common = dict(method="full", max_steps=3, micro_batch_size=8, seed=0)
+    whole = train_model(tiny_tokenized, tiny_base, options(**common, micro_batch_tokens=None), str(tmp_path / "whole"))
+    cut = train_model(tiny_tokenized, tiny_base, options(**common, micro_batch_tokens=48), str(tmp_path / "cut"))
+    assert whole.key == cut.key  # the budget is not part of the cache key
+    losses = lambda artifact: [r["loss"] for r in json.loads((Path(artifact.uri) / "loss_curve.json").read_text())]  # noqa: E731
+    assert losses(cut) == pytest.approx(losses(whole), rel=1e-5)
 
 
 def test_schedule_warms_up_then_decays():
@@ -256,3 +296,14 @@ def test_a_diverging_loss_stops_training_with_a_message_that_names_it(tiny_base,
     with pytest.raises(trainer.TrainingDivergedError, match=r"training loss became (nan|inf) at step \d.*learning_rate"):
         train_model(tiny_tokenized, tiny_base, opts, str(tmp_path / "cache"))
     assert not storage.is_complete(train_entry(tiny_tokenized, tiny_base, opts, str(tmp_path / "cache"))[1])
+
+
+@pytest.mark.parametrize("strategy, placed", [("fsdp", "cpu"), ("ddp", "meta")])
+def test_fsdp_ranks_never_hold_the_whole_model_on_their_device(strategy, placed, tiny_model_dir, tmp_path):
+    """Under FSDP the model is loaded on the CPU and fully_shard moves it layer by layer, shard by
+    shard; DDP replicates it, so it goes to the device whole. ("meta" stands in for a GPU here.)"""
+    settings = TrainSettings(strategy=strategy, devices=2)
+    spec = trainer.TrainSpec(str(tiny_model_dir), "", str(tmp_path / "out"), str(tmp_path / "ckpt"), settings)
+    rt = trainer.Runtime(rank=0, world=2, local_rank=0, device=torch.device("meta"), precision="fp32")
+    model = trainer.load_model(spec, rt)
+    assert {p.device.type for p in model.parameters()} == {placed}

@@ -38,6 +38,30 @@ def pack_examples(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
     }
 
 
+def pad_row(batch: dict[str, torch.Tensor], multiple: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One packed row padded to a multiple of `multiple` tokens, the padding a segment of its own
+    (positions restart, labels ignored), so no real token attends to it. Compiled kernels then see
+    few distinct lengths instead of a new one at every step.
+
+    >>> pad_row(pack_examples([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}]), 4, pad_token_id=0)
+    {'input_ids': tensor([[5, 6, 7, 0]]),
+     'labels': tensor([[-100, 6, 7, -100]]),
+     'position_ids': tensor([[0, 1, 2, 0]])}
+    """
+    width = batch["input_ids"].shape[1]
+    return _pad_to(batch, width + -width % multiple, pad_token_id)
+
+
+def _pad_to(row: dict[str, torch.Tensor], width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A packed row (batch of one) padded to `width` with a padding segment of its own."""
+    missing = width - row["input_ids"].shape[1]
+    if not missing:
+        return row
+    fill = {"input_ids": torch.full((1, missing), pad_token_id), "labels": torch.full((1, missing), IGNORE_INDEX),
+            "position_ids": torch.arange(missing).unsqueeze(0)}
+    return {name: torch.cat([row[name], fill[name].long()], dim=1) for name in row}
+
+
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Indices of `lengths` grouped into rows of at most `capacity` (an item longer than that gets
     a row of its own): longest first, each into the first row it fits."""
@@ -77,14 +101,8 @@ def pack_rows(examples: Sequence[dict], row_tokens: int, pad_token_id: int) -> d
     layout = first_fit_decreasing([len(e["input_ids"]) for e in examples], row_tokens)
     rows = [pack_examples([examples[i] for i in row]) for row in layout]
     width = max(row["input_ids"].shape[1] for row in rows)
-    padded = {name: [] for name in ("input_ids", "labels", "position_ids")}
-    for row in rows:
-        missing = width - row["input_ids"].shape[1]
-        fill = {"input_ids": torch.full((1, missing), pad_token_id), "labels": torch.full((1, missing), IGNORE_INDEX),
-                "position_ids": torch.arange(missing).unsqueeze(0)}
-        for name in padded:
-            padded[name].append(torch.cat([row[name], fill[name].long()], dim=1))
-    return {name: torch.cat(parts) for name, parts in padded.items()}
+    padded = [_pad_to(row, width, pad_token_id) for row in rows]
+    return {name: torch.cat([row[name] for row in padded]) for name in padded[0]}
 
 
 def pad_examples(examples: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:

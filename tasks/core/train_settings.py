@@ -43,6 +43,7 @@ class TrainSettings:
     max_steps: int | None = None
     epochs: float = 3.0
     micro_batch_size: int = 8
+    micro_batch_tokens: int | None = 8192
     grad_accum: int = 1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from tasks.core import storage
 from tasks.core.checkpoints import Checkpoints, TrainState, load_checkpoint, load_weights, save_checkpoint, unique_tensors
-from tasks.core.collate import IGNORE_INDEX, pack_examples, pack_rows, packed_shape, pad_examples
+from tasks.core.collate import IGNORE_INDEX, pack_examples, pack_rows, packed_shape, pad_examples, pad_row
 from tasks.core.modeling import logits_only_at, pick_device, unwrap
 from tasks.core.train_settings import TrainSettings
 
@@ -212,10 +213,64 @@ class DataOrder:
         return [self.permutation(q // self.size)[q % self.size] for q in positions]
 
 
-def rank_micro_batches(batch: Sequence[int], rank: int, world: int, micro: int) -> list[list[int]]:
-    """This rank's disjoint share of a global batch, cut into micro-batches."""
-    share = list(batch[rank * len(batch) // world : (rank + 1) * len(batch) // world])
-    return [share[i : i + micro] for i in range(0, len(share), micro)]
+def rank_share(batch: Sequence[int], rank: int, world: int) -> list[int]:
+    """This rank's disjoint share of a global batch."""
+    return list(batch[rank * len(batch) // world : (rank + 1) * len(batch) // world])
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a rank's share of a step becomes micro-batches, and a micro-batch model inputs.
+
+    A micro-batch takes at most `micro_examples` examples and, with a budget, at most
+    `micro_tokens` token slots (an example longer than the budget goes alone), so memory stays
+    bounded whatever the example lengths. How a step is cut never changes what it computes: the
+    loss is summed over the whole step and divided once."""
+
+    packing: bool
+    pad_token_id: int
+    micro_examples: int
+    micro_tokens: int | None = None
+    row_tokens: int | None = None  # packed rows capped for dense attention; None: one packed row
+    pad_multiple: int = 1  # the one packed row padded to a multiple (flex: its block), so shapes repeat
+
+    def slots(self, lengths: Sequence[int]) -> int:
+        """Token slots (padding included) of the input tensor make_batch builds for these lengths."""
+        if not self.packing:
+            return len(lengths) * max(lengths)
+        if self.row_tokens:
+            count, width = packed_shape(lengths, self.row_tokens)
+            return count * width
+        return -(-sum(lengths) // self.pad_multiple) * self.pad_multiple
+
+    def cut(self, share: Sequence[int], lengths: Sequence[int] | torch.Tensor) -> list[list[int]]:
+        """Consecutive examples of `share` in micro-batches within both limits."""
+        micro_batches: list[list[int]] = []
+        current: list[int] = []
+        current_lengths: list[int] = []
+        for index in share:
+            length = int(lengths[index])
+            full = len(current) == self.micro_examples or (
+                self.micro_tokens and current and self.slots([*current_lengths, length]) > self.micro_tokens
+            )
+            if full:
+                micro_batches.append(current)
+                current, current_lengths = [], []
+            current.append(index)
+            current_lengths.append(length)
+        return micro_batches + ([current] if current else [])
+
+    def rank_micro_batches(self, batch: Sequence[int], lengths: Sequence[int] | torch.Tensor, rank: int, world: int, aligned: bool = False) -> list[list[int]]:
+        """This rank's micro-batches of a global batch. `aligned`: padded with empty ones to the most
+        any rank has, because every FSDP forward and backward is a collective all ranks must join."""
+        mine = self.cut(rank_share(batch, rank, world), lengths)
+        if not aligned or world == 1:
+            return mine
+        most = max(len(self.cut(rank_share(batch, other, world), lengths)) for other in range(world))
+        return mine + [[] for _ in range(most - len(mine))]
+
+    def build(self, rows: "TokenRows", indices: Sequence[int], device: torch.device) -> "Batch":
+        return make_batch(rows, indices, self.packing, self.pad_token_id, device, self.row_tokens, self.pad_multiple)
 
 
 @dataclass
@@ -229,20 +284,31 @@ class Batch:
 
 
 def make_batch(
-    rows: TokenRows, indices: Sequence[int], packing: bool, pad_token_id: int, device: torch.device, row_tokens: int | None = None
+    rows: TokenRows,
+    indices: Sequence[int],
+    packing: bool,
+    pad_token_id: int,
+    device: torch.device,
+    row_tokens: int | None = None,
+    pad_multiple: int = 1,
 ) -> Batch:
-    """Packed examples fill rows of at most `row_tokens` tokens (None: one row). The LM head runs
-    on the `keep` positions only (`modeling.logits_only_at`)."""
+    """Packed examples fill rows of at most `row_tokens` tokens (None: one row, padded to a
+    multiple of `pad_multiple`). The LM head runs on the `keep` positions only
+    (`modeling.logits_only_at`). On CUDA the tensors go through pinned memory, so the copies are
+    asynchronous and the host can prepare the next batch while the device works."""
     examples = [rows.example(i) for i in indices]
-    if packing:
-        batch = pack_rows(examples, row_tokens, pad_token_id) if row_tokens else pack_examples(examples)
+    if packing and row_tokens:
+        batch = pack_rows(examples, row_tokens, pad_token_id)
+    elif packing:
+        batch = pad_row(pack_examples(examples), pad_multiple, pad_token_id)
     else:
         batch = pad_examples(examples, pad_token_id)
     labels = batch.pop("labels")
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     targets = labels[:, 1:][keep[:, :-1]]
-    move = lambda tensor: tensor.to(device, non_blocking=True)  # noqa: E731
+    pin = device.type == "cuda"
+    move = lambda tensor: (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)  # noqa: E731
     return Batch({name: move(tensor) for name, tensor in batch.items()}, move(keep), move(targets))
 
 
@@ -340,14 +406,26 @@ def resolve_attention(option: str, device: torch.device, packing: bool) -> str:
 DENSE_ATTENTION = ("sdpa", "eager")
 
 
-def packed_row_tokens(model: torch.nn.Module, rows: TokenRows) -> int | None:
-    """How long a packed row may get. Dense kernels (sdpa, eager) compute the masked blocks between
-    examples too, so their rows are capped at the longest example. Every other kernel gets one row
-    per micro-batch: flex skips those blocks, and flash kernels keep examples apart only in a
-    batch of one row."""
-    if unwrap(model).config._attn_implementation in DENSE_ATTENTION:
-        return int(rows.lengths.max())
-    return None
+FLEX_BLOCK = 128  # flex attention's block size: one packed row is padded to a multiple of it
+
+
+def batching_for(model: torch.nn.Module, rows: TokenRows, settings: TrainSettings) -> Batching:
+    """How this model's micro-batches are shaped. Dense kernels (sdpa, eager) compute the masked
+    blocks between examples too, so their packed rows are capped at the longest example. Every
+    other kernel gets one row per micro-batch: flex skips those blocks, and flash kernels keep
+    examples apart only in a batch of one row. Flex's row is padded to whole blocks, so a compiled
+    model sees a few lengths, not a new one at every step."""
+    attention = unwrap(model).config._attn_implementation
+    row_tokens = int(rows.lengths.max()) if attention in DENSE_ATTENTION else None
+    pad_multiple = FLEX_BLOCK if attention == "flex_attention" else 1
+    return Batching(
+        packing=settings.packing,
+        pad_token_id=unwrap(model).config.pad_token_id or 0,
+        micro_examples=settings.micro_batch_size,
+        micro_tokens=settings.micro_batch_tokens,
+        row_tokens=row_tokens,
+        pad_multiple=pad_multiple,
+    )
 
 
 def load_model(spec: TrainSpec, rt: Runtime) -> torch.nn.Module:
@@ -380,6 +458,10 @@ def load_model(spec: TrainSpec, rt: Runtime) -> torch.nn.Module:
             target_modules=list(o.lora.target_modules),
         )
         model = get_peft_model(model, config)
+    if rt.world > 1 and o.strategy == "fsdp":
+        # Stays on the CPU: fully_shard moves each layer to the device as it shards it, so a rank
+        # never holds the whole model there (the point of FSDP: models that do not fit one GPU).
+        return model
     return model.to(rt.device)
 
 
@@ -479,22 +561,19 @@ def plan_steps(rows: TokenRows, settings: TrainSettings, world: int) -> Plan:
     return Plan(global_batch, total, warmup)
 
 
-def largest_micro_batch(rows: TokenRows, plan: Plan, settings: TrainSettings, row_tokens: int | None) -> int:
-    """The most token slots (padding included) any micro-batch of the whole run will take, read
-    off the data order, so the memory estimate sees the real worst step rather than
+def largest_micro_batch(rows: TokenRows, plan: Plan, settings: TrainSettings, batching: Batching, world: int = 1) -> int:
+    """The most token slots (padding included) any micro-batch of the whole run will take on any
+    rank, read off the data order, so the memory estimate sees the real worst step rather than
     micro_batch_size x the longest example."""
-    micro = settings.micro_batch_size
-    positions = plan.total_steps * plan.global_batch
     order = DataOrder(len(rows), settings.seed)
-    epochs = -(-positions // len(rows))
-    stream = torch.tensor([i for epoch in range(epochs) for i in order.permutation(epoch)][:positions])
-    lengths = rows.lengths[stream].view(-1, micro)  # micro-batches in order; every rank's share is whole micro-batches
-    if not settings.packing:
-        return int((lengths.max(-1).values * micro).max())
-    if row_tokens is None:
-        return int(lengths.sum(-1).max())
-    shapes = {packed_shape(sorted(batch), row_tokens) for batch in lengths.tolist()}
-    return max(count * width for count, width in shapes)
+    lengths = rows.lengths.tolist()
+    largest = 0
+    for step in range(plan.total_steps):
+        batch = order.global_batch(step, plan.global_batch)
+        for rank in range(world):
+            for micro in batching.cut(rank_share(batch, rank, world), lengths):
+                largest = max(largest, batching.slots([lengths[i] for i in micro]))
+    return largest
 
 
 class Session:
@@ -504,13 +583,13 @@ class Session:
         self.spec, self.rt, self.rows, o = spec, rt, rows, spec.settings
         self.plan = plan_steps(rows, o, rt.world)
         self.order = DataOrder(len(rows), o.seed)
+        self.sharded = rt.world > 1 and o.strategy == "fsdp"
         model = load_model(spec, rt)
-        self.pad_token_id = unwrap(model).config.pad_token_id or 0
-        self.row_tokens = packed_row_tokens(model, rows)
+        self.batching = batching_for(model, rows, o)
         self.checkpointing = o.gradient_checkpointing == "on" or (
             o.gradient_checkpointing == "auto"
             and rt.device.type == "cuda"
-            and needs_checkpointing(model, rt, largest_micro_batch(rows, self.plan, o, self.row_tokens), o.strategy)
+            and needs_checkpointing(model, rt, largest_micro_batch(rows, self.plan, o, self.batching, rt.world), o.strategy)
         )
         self.compiled = o.compile == "on" or (
             o.compile == "auto" and rt.device.type == "cuda" and self.plan.total_steps >= COMPILE_MIN_STEPS
@@ -523,6 +602,7 @@ class Session:
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
         torch.manual_seed(o.seed + rt.rank)  # dropout differs per rank; a checkpoint restores it
         self.eval_rows = load_eval_rows(spec.data_dir) if o.eval_every else None
+        self._prefetched: tuple[tuple[int, int], Batch] | None = None
 
     def evaluates(self, step: int) -> bool:
         """Held-out loss after this step: every eval_every steps and at the last one."""
@@ -534,16 +614,17 @@ class Session:
         """Token-weighted response loss on the eval split, packed as in training (positions restart
         per example: no attention across examples). Each rank takes every world-th example; every
         rank runs the same number of forward passes (FSDP needs all of them) and the sums are reduced."""
-        rows, rt, o = self.eval_rows, self.rt, self.spec.settings
+        rows, rt, micro = self.eval_rows, self.rt, self.spec.settings.micro_batch_size
         mine = list(range(rt.rank, len(rows), rt.world))
-        passes = -(-(-(-len(rows) // rt.world)) // o.micro_batch_size)
-        row_tokens = max(self.row_tokens, int(rows.lengths.max())) if self.row_tokens else None
+        passes = -(-(-(-len(rows) // rt.world)) // micro)
+        row_tokens = self.batching.row_tokens and max(self.batching.row_tokens, int(rows.lengths.max()))
+        batching = dataclasses.replace(self.batching, row_tokens=row_tokens)
         totals = torch.zeros(2, device=rt.device, dtype=torch.float64)
         self.model.eval()
         try:
             for index in range(passes):
-                chunk = mine[index * o.micro_batch_size : (index + 1) * o.micro_batch_size]
-                batch = make_batch(rows, chunk or [0], o.packing, self.pad_token_id, rt.device, row_tokens)
+                chunk = mine[index * micro : (index + 1) * micro]
+                batch = batching.build(rows, chunk or [0], rt.device)
                 with rt.autocast():
                     loss = loss_sum(self.model, batch)
                 if chunk:  # a rank with nothing left still runs the pass, and adds nothing
@@ -564,36 +645,60 @@ class Session:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
+    def micro_batches(self, step: int) -> tuple[list[int], list[list[int]]]:
+        """Global batch `step` and this rank's micro-batches of it."""
+        batch = self.order.global_batch(step, self.plan.global_batch)
+        return batch, self.batching.rank_micro_batches(batch, self.rows.lengths, self.rt.rank, self.rt.world, aligned=self.sharded)
+
+    def _micro_batch(self, step: int, index: int, indices: list[int]) -> Batch:
+        """Micro-batch `index` of `step`: the one prepared ahead when it is that one. An empty one
+        (a rank with nothing left under FSDP) runs example 0 and adds nothing."""
+        if self._prefetched is not None and self._prefetched[0] == (step, index):
+            return self._prefetched[1]
+        return self.batching.build(self.rows, indices or [0], self.rt.device)
+
+    def _prefetch_after(self, step: int, index: int, micro_batches: list[list[int]]) -> None:
+        """Build the micro-batch after (step, index) while the device still works on this one: the
+        next of this step, or the first of the next step (before the step's host syncs)."""
+        if index + 1 < len(micro_batches):
+            target, indices = (step, index + 1), micro_batches[index + 1]
+        elif step + 1 < self.plan.total_steps:
+            target, indices = (step + 1, 0), self.micro_batches(step + 1)[1][0]
+        else:
+            self._prefetched = None
+            return
+        self._prefetched = (target, self.batching.build(self.rows, indices or [0], self.rt.device))
+
     def step(self, step: int) -> dict:
         """One optimizer step over global batch `step`; returns its curve record (without times)."""
-        o, rt = self.spec.settings, self.rt
-        batch = self.order.global_batch(step, self.plan.global_batch)
+        rt = self.rt
+        batch, micro_batches = self.micro_batches(step)
         loss_tokens = int(self.rows.loss_tokens[batch].sum())
         scale = rt.world / max(1, loss_tokens)  # DDP averages over ranks; undo that, divide by all tokens
-        micro_batches = rank_micro_batches(batch, rt.rank, rt.world, o.micro_batch_size)
         total = torch.zeros((), device=rt.device)
         for i, indices in enumerate(micro_batches):
-            micro = make_batch(self.rows, indices, o.packing, self.pad_token_id, rt.device, self.row_tokens)
+            micro = self._micro_batch(step, i, indices)
             with self._sync(last=i == len(micro_batches) - 1):
                 with rt.autocast():
-                    loss = loss_sum(self.model, micro)
+                    loss = loss_sum(self.model, micro) * (1.0 if indices else 0.0)
                 scaled = loss * scale
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.detach()
+            self._prefetch_after(step, i, micro_batches)
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self._optimizer_step()
         if rt.world > 1:
             dist.all_reduce(total)
         return {
             "step": step + 1,
-            "loss": total.item() / max(1, loss_tokens),
+            "loss": total.item() / max(1, loss_tokens),  # the host waits for the device only here
             "lr": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": float(grad_norm),
             "step_tokens": int(self.rows.lengths[batch].sum()),
             "step_loss_tokens": loss_tokens,
         }
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> torch.Tensor:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         limit = self.spec.settings.max_grad_norm or float("inf")
@@ -605,8 +710,7 @@ class Session:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return float(norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 class ProgressBar:
