@@ -1,30 +1,78 @@
 #!/usr/bin/env bash
-# The train stage's GPU checks in one command, on a box with only torch, transformers, accelerate,
-# peft and pytest installed (prepare .device/ first with benchmarks/prepare_device.sh):
-#   1. tests/test_gpu.py: bf16, flex attention forward and backward, fused AdamW, compile;
-#   2. bench_train on the SmolLM2-135M shape, then on the 1.7B Llama shape: ours (defaults) vs
-#      TRL defaults and TRL's best flags, side by side, each with and without compilation.
-# Writes logs and the benchmark tables to $OUT (or the folder given).
+# The train stage's GPU checks, as two calls that each fit one device command (under 8 minutes),
+# on a box with only torch, transformers, accelerate, peft and pytest installed (prepare .device/
+# first with benchmarks/prepare_device.sh and carry it):
 #
-#   bash benchmarks/device_check.sh [out-folder]
+#   bash benchmarks/device_check.sh small [out]   # tests/test_gpu.py, then SmolLM2-135M: ours (defaults:
+#                                                 # compile auto), ours compile on, TRL defaults, TRL best
+#   bash benchmarks/device_check.sh large [out]   # Llama 1.7B: ours compile on vs TRL best compile on
+#
+# Every benchmark row is its own process under `timeout`, and the call stops starting rows once
+# its deadline (DEADLINE seconds, 420 by default) is near, so a hang or a slow row still leaves the
+# rows measured before it: each is printed as it ends and appended to $out/<call>-<shape>.jsonl, and the
+# table of the call is printed last. Writes logs and tables to $out (default $OUT or /tmp/device-check).
+#
+# DRY_RUN=1 runs the same calls on a CPU with the tiny shape and a few steps (the timing check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-${OUT:-/tmp/device-check}}
+part=${1:?usage: device_check.sh small|large [out-folder]}
+out=${2:-${OUT:-/tmp/device-check}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-if ! python3 -c "import trl, datasets" 2>/dev/null && ls .device/wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl \
+PY=${PY:-python3}
+started=$(date +%s)
+deadline=${DEADLINE:-420}
+row_timeout=${ROW_TIMEOUT:-240}
+
+if ! "$PY" -c "import trl, datasets" 2>/dev/null && ls .device/wheels/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi >"$out/nvidia-smi.txt" 2>&1
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee "$out/versions.txt"
+tokenizer=() data=()
+[ -d .device/tokenizer ] && tokenizer=(--tokenizer .device/tokenizer)
+[ -f .device/alpaca_en_demo.json ] && data=(--data .device/alpaca_en_demo.json)
 
-python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$out/test_gpu.log"
+left() { echo $((deadline - ($(date +%s) - started))); }
 
-# shape:steps pairs; BENCH="tiny:3" tries the script on a CPU.
-for run in ${BENCH:-smollm2-135m:60 llama-1.7b:40}; do
-  for compile in off on; do
-    python3 -m benchmarks.bench_train --shape "${run%%:*}" --steps "${run##*:}" --compile "$compile" ${BENCH_ARGS:-} \
-      --tokenizer .device/tokenizer --data .device/alpaca_en_demo.json 2>&1 | tee "$out/bench-${run%%:*}-compile-$compile.log"
+# bench ROWS... : one process per row, each under the smaller of row_timeout and the time left.
+bench() {
+  local shape=$1 steps=$2; shift 2
+  local table="$out/$part-$shape.jsonl"
+  for row in "$@"; do
+    local run=${row%%:*} compile=${row#*:}
+    local remaining=$(left)
+    local budget=$(( remaining < row_timeout ? remaining : row_timeout ))
+    if [ "$remaining" -lt 30 ]; then echo "skipped $shape $row: ${remaining}s left of the ${deadline}s deadline" | tee -a "$out/skipped.txt"; continue; fi
+    local flags=(--runs "$run")
+    [ "$run" = ours ] && [ "$compile" != auto ] && flags+=(--compile "$compile")
+    [ "$run" = trl-best ] && flags+=(--trl-compile "${compile/auto/on}")
+    echo "== $shape $row (timeout ${budget}s)"
+    timeout --kill-after=10 "$budget" "$PY" -m benchmarks.bench_train --shape "$shape" --steps "$steps" "${flags[@]}" \
+      --model-dir "/tmp/bench-model-$shape" --out "$table" "${tokenizer[@]}" "${data[@]}" ${BENCH_ARGS:-} \
+      >"$out/bench-$shape-$run-$compile.log" 2>&1
+    echo "   exit $? after $(( $(date +%s) - started ))s"
+    grep '^| ours\|^| TRL' "$out/bench-$shape-$run-$compile.log" | tail -1
   done
-done
+  [ -s "$table" ] && "$PY" -m benchmarks.bench_train --table "$table" | tee "$out/$part-$shape.md"
+}
+
+if [ -n "${DRY_RUN:-}" ]; then
+  small=(tiny 8) large=(tiny 8)
+  BENCH_ARGS="--records 64 --micro-batch 2 --threads 2 ${BENCH_ARGS:-}"
+else
+  small=(smollm2-135m 60) large=(llama-1.7b 40)
+fi
+
+case "$part" in
+  small)
+    nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+    "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee "$out/versions.txt"
+    timeout 150 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$out/test_gpu.log" | tail -3
+    bench "${small[@]}" ours:auto ours:on trl-defaults:auto trl-best:on
+    ;;
+  large)
+    bench "${large[@]}" ours:on trl-best:on ours:auto
+    ;;
+  *) echo "usage: device_check.sh small|large [out-folder]" >&2; exit 2 ;;
+esac
+echo "call took $(( $(date +%s) - started ))s"

@@ -20,6 +20,15 @@ from tasks.core.train_settings import TrainSettings
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
+@pytest.fixture(autouse=True)
+def tf32_as_it_was():
+    """start_runtime turns TF32 on for the process (what training wants); each test gets the flags
+    back as they were, so a later fp32 check is not run on TF32 by accident."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 @pytest.fixture(scope="module")
 def rows(tiny_model_dir) -> trainer.TokenRows:
     """24 examples of 6-24 tokens whose prompts (no loss) and answers differ in length."""
@@ -64,8 +73,11 @@ def test_compiled_steps_match_eager_steps(tiny_model_dir, rows, tmp_path):
 
 
 def test_flex_attention_packed_rows_give_solo_logits_and_gradients(tiny_model_dir):
-    """Forward and backward: the packed row's loss and gradients are the sum of its examples'."""
+    """Forward and backward: the packed row's loss and gradients are the sum of its examples', in
+    true fp32 (TF32 off: its 10-bit mantissa would need a looser tolerance than 1e-4)."""
     from transformers import AutoModelForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
     def fresh(attention: str):
         model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation=attention, dtype=torch.float32)

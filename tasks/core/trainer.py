@@ -739,8 +739,11 @@ class ProgressBar:
             self.bar.close()
 
 
-def run_worker(spec: TrainSpec, progress: Progress | None = None, rows: TokenRows | None = None, show_bar: bool = True) -> dict:
-    """Train in this process (one of torchrun's workers, or the only one); returns train_stats."""
+def run_worker(
+    spec: TrainSpec, progress: Progress | None = None, rows: TokenRows | None = None, show_bar: bool = True, publish: bool = True
+) -> dict:
+    """Train in this process (one of torchrun's workers, or the only one); returns train_stats.
+    `publish=False` (the benchmark) trains and measures, and writes no weights."""
     meter = Meter(started=time.perf_counter())
     rt = start_runtime(spec.settings)
     try:
@@ -749,8 +752,9 @@ def run_worker(spec: TrainSpec, progress: Progress | None = None, rows: TokenRow
         state = load_checkpoint(ckpts, session.model, session.optimizer, session.scheduler, session.scaler, rt)
         _train_loop(session, state, ckpts, meter, progress if rt.main else None, show_bar and rt.main)
         stats = _stats(session, state, meter)
-        stats["exported_step"] = restore_best(session, state, ckpts)
-        publish_outputs(session, state, stats)
+        if publish:
+            stats["exported_step"] = restore_best(session, state, ckpts)
+            publish_outputs(session, state, stats)
         if rt.world > 1:
             dist.barrier()  # every launcher returns only once the outputs are published
         if rt.main:
