@@ -307,3 +307,19 @@ def test_fsdp_ranks_never_hold_the_whole_model_on_their_device(strategy, placed,
     rt = trainer.Runtime(rank=0, world=2, local_rank=0, device=torch.device("meta"), precision="fp32")
     model = trainer.load_model(spec, rt)
     assert {p.device.type for p in model.parameters()} == {placed}
+
+
+def test_the_next_micro_batch_is_built_before_the_step_ends(tiny_model_dir, tiny_tokenized, tmp_path):
+    """While the device works on a step, the host builds the next step's first micro-batch; the
+    step then uses exactly that batch, the one it would have built itself."""
+    settings = TrainSettings(max_steps=3, micro_batch_size=4, grad_accum=2, seed=0)
+    spec = trainer.TrainSpec(str(tiny_model_dir), "", str(tmp_path / "out"), str(tmp_path / "ckpt"), settings)
+    session = trainer.Session(spec, trainer.start_runtime(settings), trainer.load_rows(tiny_tokenized.uri))
+    session.step(0)
+    (target, prepared) = session._prefetched
+    assert target == (1, 0)
+    fresh = session.batching.build(session.rows, session.micro_batches(1)[1][0], torch.device("cpu"))
+    assert all(torch.equal(prepared.inputs[name], fresh.inputs[name]) for name in fresh.inputs)
+    assert torch.equal(prepared.targets, fresh.targets) and session._micro_batch(1, 0, []) is prepared
+    session.step(1), session.step(2)
+    assert session._prefetched is None  # nothing after the last step

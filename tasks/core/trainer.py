@@ -680,7 +680,9 @@ class Session:
             micro = self._micro_batch(step, i, indices)
             with self._sync(last=i == len(micro_batches) - 1):
                 with rt.autocast():
-                    loss = loss_sum(self.model, micro) * (1.0 if indices else 0.0)
+                    loss = loss_sum(self.model, micro)
+                if not indices:  # joins the FSDP collectives, adds nothing
+                    loss = loss * 0.0
                 scaled = loss * scale
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.detach()
