@@ -24,9 +24,14 @@ started=$(date +%s)
 deadline=${DEADLINE:-420}
 row_timeout=${ROW_TIMEOUT:-240}
 
+# The carried wheels (TRL, datasets, pyarrow) go under the interpreter's prefix when it is writable:
+# dill, which datasets uses to fingerprint a dataset, pickles modules from anywhere else by value,
+# and pyarrow's types cannot be (the TRL rows then fail in Dataset.from_dict).
 if ! "$PY" -c "import trl, datasets" 2>/dev/null && ls .device/wheels/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/wheels/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  site=$("$PY" -c "import sys; print(sys.prefix)")/sft-device-site
+  mkdir -p "$site" 2>/dev/null && [ -w "$site" ] || { site=/tmp/site; echo "warning: $site is outside the prefix; TRL rows may fail"; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .device/wheels/*.whl \
+    && export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 tokenizer=() data=()
 [ -d .device/tokenizer ] && tokenizer=(--tokenizer .device/tokenizer)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Gathers into .device/ (git-ignored) what benchmarks/device_check.sh needs on a bare GPU box that
 # cannot download anything: SmolLM2's tokenizer, the benchmark data, and wheels of what that box
-# lacks (TRL and datasets with the two datasets needs it misses). Run it here, then carry .device.
+# lacks (TRL, and datasets with what it needs that the image misses or has too old). Run it here,
+# then carry .device (under the device tool's 64 MiB a call).
 #
 #   bash benchmarks/prepare_device.sh [path/to/alpaca_en_demo.json]
 set -euo pipefail
@@ -19,10 +20,11 @@ AutoTokenizer.from_pretrained(model.uri).save_pretrained(".device/tokenizer")
 PY
 cp "$DATA" .device/alpaca_en_demo.json
 
-# The GPU image runs Python 3.12; pins are the versions this venv resolved.
+# The GPU image runs Python 3.12 (DEVICE_PYTHON); pins are the versions this venv resolved. pyarrow
+# travels too: datasets needs a newer one than the image may have.
 version() { "$PY" -c "from importlib.metadata import version; print(version('$1'))"; }
-for name in trl datasets dill multiprocess; do
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+for name in trl datasets dill multiprocess pyarrow; do
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "${DEVICE_PYTHON:-3.12}" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .device/wheels "$name==$(version $name)"
 done
