@@ -52,7 +52,10 @@ LOWEST_TESTS ?= tests/test_train.py tests/test_collate.py tests/test_scoring.py 
 	tests/test_checkpoints.py tests/test_early_stopping.py tests/test_model.py tests/test_tokenize.py \
 	tests/test_export.py tests/test_launcher.py tests/test_gguf_import.py
 
-$(LOWEST_VENV)/.installed: pyproject.toml .ci/lowest-constraints.txt
+# The stamp names the torch spec, so asking for another torch rebuilds the venv.
+LOWEST_STAMP := $(LOWEST_VENV)/.installed-$(shell printf '%s' '$(LOWEST_TORCH_SPEC)' | cksum | cut -d' ' -f1)
+
+$(LOWEST_STAMP): pyproject.toml .ci/lowest-constraints.txt
 	rm -rf $(LOWEST_VENV)
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python -m pip install -q --upgrade pip
@@ -60,7 +63,7 @@ $(LOWEST_VENV)/.installed: pyproject.toml .ci/lowest-constraints.txt
 	$(LOWEST_VENV)/bin/python -m pip install -q -e ".[test]" -c .ci/lowest-constraints.txt
 	touch $@
 
-test-lowest: $(LOWEST_VENV)/.installed
+test-lowest: $(LOWEST_STAMP)
 	$(LOWEST_VENV)/bin/python -c "import torch, transformers, peft, datasets, accelerate; print('lowest versions:', *(f'{m.__name__} {m.__version__}' for m in (torch, transformers, peft, datasets, accelerate)))"
 	$(LOWEST_VENV)/bin/python -m pytest -p no:cacheprovider $(LOWEST_TESTS)
 

@@ -132,8 +132,12 @@ def build_model(shape: str, tokenizer, folder: Path, dtype: torch.dtype, device:
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
+    scratch = folder.with_name(folder.name + f".partial-{os.getpid()}")  # a row killed while saving leaves no half model
+    model.save_pretrained(str(scratch))
+    tokenizer.save_pretrained(str(scratch))
+    for item in sorted(scratch.iterdir(), key=lambda item: item.name == "config.json"):  # config.json, the mark, last
+        item.replace(folder / item.name)
+    scratch.rmdir()
     params = sum(p.numel() for p in model.parameters())
     del model
     return params

@@ -8,7 +8,7 @@
 #   bash benchmarks/device_check.sh large [out]   # Llama 1.7B: ours compile on vs TRL best compile on
 #
 # Every benchmark row is its own process under `timeout`, and the call stops starting rows once
-# its deadline (DEADLINE seconds, 420 by default) is near, so a hang or a slow row still leaves the
+# its deadline (DEADLINE seconds: 300 small, 360 large) is near, so a hang or a slow row still leaves the
 # rows measured before it: each is printed as it ends and appended to $out/<call>-<shape>.jsonl, and the
 # table of the call is printed last. Writes logs and tables to $out (default $OUT or /tmp/device-check).
 #
@@ -21,8 +21,11 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=${PY:-python3}
 started=$(date +%s)
-deadline=${DEADLINE:-420}
+# Two calls plus the machine's start fit a 15-minute device budget: 300 s for the small call, 360 s
+# for the large one (the table and a killed row's 10 s grace come on top).
+deadline=${DEADLINE:-$([ "$part" = large ] && echo 360 || echo 300)}
 row_timeout=${ROW_TIMEOUT:-240}
+status=0  # non-zero when the GPU tests or a row failed: the call says so
 
 # The carried wheels (TRL, datasets, pyarrow) go under the interpreter's prefix when it is writable:
 # dill, which datasets uses to fingerprint a dataset, pickles modules from anywhere else by value,
@@ -43,11 +46,16 @@ left() { echo $((deadline - ($(date +%s) - started))); }
 bench() {
   local shape=$1 steps=$2; shift 2
   local table="$out/$part-$shape.jsonl"
+  : >"$table"  # this call's rows only: the ratios compare with its own first row of ours
   for row in "$@"; do
     local run=${row%%:*} compile=${row#*:}
     local remaining=$(left)
     local budget=$(( remaining < row_timeout ? remaining : row_timeout ))
-    if [ "$remaining" -lt 30 ]; then echo "skipped $shape $row: ${remaining}s left of the ${deadline}s deadline" | tee -a "$out/skipped.txt"; continue; fi
+    if [ "$remaining" -lt 30 ]; then
+      echo "skipped $shape $row: ${remaining}s left of the ${deadline}s deadline" | tee -a "$out/skipped.txt"
+      status=1
+      continue
+    fi
     local flags=(--runs "$run")
     [ "$run" = ours ] && [ "$compile" != auto ] && flags+=(--compile "$compile")
     [ "$run" = trl-best ] && flags+=(--trl-compile "${compile/auto/on}")
@@ -55,7 +63,9 @@ bench() {
     timeout --kill-after=10 "$budget" "$PY" -m benchmarks.bench_train --shape "$shape" --steps "$steps" "${flags[@]}" \
       --model-dir "/tmp/bench-model-$shape" --out "$table" "${tokenizer[@]}" "${data[@]}" ${BENCH_ARGS:-} \
       >"$out/bench-$shape-$run-$compile.log" 2>&1
-    echo "   exit $? after $(( $(date +%s) - started ))s"
+    local code=$?
+    [ "$code" -eq 0 ] || status=1
+    echo "   exit $code after $(( $(date +%s) - started ))s"
     grep '^| ours\|^| TRL' "$out/bench-$shape-$run-$compile.log" | tail -1
   done
   [ -s "$table" ] && "$PY" -m benchmarks.bench_train --table "$table" | tee "$out/$part-$shape.md"
@@ -72,7 +82,8 @@ case "$part" in
   small)
     nvidia-smi >"$out/nvidia-smi.txt" 2>&1
     "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee "$out/versions.txt"
-    timeout 150 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$out/test_gpu.log" | tail -3
+    timeout 150 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider >"$out/test_gpu.log" 2>&1 || status=1
+    tail -3 "$out/test_gpu.log"
     bench "${small[@]}" ours:auto ours:on trl-defaults:auto trl-best:on
     ;;
   large)
@@ -80,4 +91,5 @@ case "$part" in
     ;;
   *) echo "usage: device_check.sh small|large [out-folder]" >&2; exit 2 ;;
 esac
-echo "call took $(( $(date +%s) - started ))s"
+echo "call took $(( $(date +%s) - started ))s, status $status"
+exit "$status"

@@ -44,10 +44,10 @@ def test_make_batch_keeps_only_positions_whose_next_token_has_loss(packing):
     rows = TokenRows.from_examples(EXAMPLES)
     assert rows.loss_tokens.tolist() == [2, 1]  # label 0 of an example is never a target
     batch = make_batch(rows, [0, 1], packing, pad_token_id=0, device=torch.device("cpu"))
-    if packing:
-        assert batch.keep.tolist() == [[True, True, False, True, False]]
-    else:
-        assert batch.keep.tolist() == [[True, True, False], [True, False, False]]
+    if packing:  # one row [5, 6, 7, 8, 9]: positions 0, 1 predict 6, 7; position 3 predicts 9
+        assert batch.positions.tolist() == [0, 1, 3]
+    else:  # rows [5, 6, 7] and [8, 9, pad]: flat positions 0, 1 and 3 (row 1, position 0)
+        assert batch.positions.tolist() == [0, 1, 3]
     assert batch.targets.tolist() == [6, 7, 9]
 
 
@@ -106,8 +106,19 @@ def test_logits_only_at_the_kept_positions(packing, tiny_llama):
     rows = TokenRows.from_examples([{"input_ids": [11, 12, 13, 14], "labels": [-100, -100, 13, 14]}, *EXAMPLES])
     batch = make_batch(rows, [0, 1, 2], packing=packing, pad_token_id=0, device=torch.device("cpu"))
     with torch.no_grad():
-        with logits_only_at(tiny_llama, batch.keep):
+        with logits_only_at(tiny_llama, batch.positions):
             kept = tiny_llama(**batch.inputs, use_cache=False).logits
         full = tiny_llama(**batch.inputs, use_cache=False).logits
-    torch.testing.assert_close(kept, full[batch.keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kept, full.flatten(0, 1)[batch.positions], atol=1e-5, rtol=1e-5)
     assert batch.targets.tolist() == [13, 14, 6, 7, 9] and kept.shape[0] == 5
+    assert not tiny_llama.lm_head._forward_pre_hooks  # the hook is gone after the block
+
+
+def test_a_model_without_output_embeddings_is_refused_clearly():
+    class Headless(torch.nn.Module):
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(ValueError, match="no output embeddings"):
+        with logits_only_at(Headless(), torch.tensor([0])):
+            pass

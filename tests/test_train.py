@@ -185,6 +185,9 @@ def test_fsdp_ranks_run_the_same_number_of_micro_batches():
 def test_token_budget_trains_the_same_weights(tiny_base, tiny_tokenized, tmp_path):
     """A budget that cuts every step into more micro-batches changes memory, not the result."""
     common = dict(method="full", max_steps=3, micro_batch_size=8, seed=0)
+    rows, order = trainer.load_rows(tiny_tokenized.uri), trainer.DataOrder(24, seed=0)
+    cut = trainer.Batching(packing=True, pad_token_id=0, micro_examples=8, micro_tokens=48)
+    assert all(len(cut.cut(order.global_batch(step, 8), rows.lengths)) > 1 for step in range(3))  # every step is cut
     whole = train_model(tiny_tokenized, tiny_base, options(**common, micro_batch_tokens=None), str(tmp_path / "whole"))
     cut = train_model(tiny_tokenized, tiny_base, options(**common, micro_batch_tokens=48), str(tmp_path / "cut"))
     assert whole.key == cut.key  # the budget is not part of the cache key

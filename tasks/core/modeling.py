@@ -158,16 +158,26 @@ def load_release(release_dir: str | Path, base_dir: str | Path, trust_remote_cod
 
 
 @contextlib.contextmanager
-def logits_only_at(model, keep: torch.Tensor):
-    """Within this block the model's LM head sees only the hidden states where `keep` (a boolean
-    mask over (batch, sequence)) is True, so `.logits` is (kept positions, vocab).
+def logits_only_at(model, positions: torch.Tensor):
+    """Within this block the model's LM head sees only the hidden states at `positions` (flat
+    indices into (batch x sequence), on the model's device), so `.logits` is (positions, vocab).
 
     A pre-hook on the output embeddings, not the `logits_to_keep` argument: only transformers 5.21+
     accepts a 2-D mask there (older 5.x index `hidden_states[:, mask, :]` and fail), and remote-code
     models may not take the argument at all. The hook fires inside the wrapped model's own forward,
-    so DDP's and FSDP's hooks around it run as usual."""
+    so DDP's and FSDP's hooks around it run as usual. Indices, not a boolean mask: selecting by a
+    mask on a GPU waits for the device to count it."""
     head = unwrap(model).get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][keep], *args[1:]))
+    if head is None:
+        raise ValueError(f"{type(unwrap(model)).__name__} has no output embeddings (get_output_embeddings() is None): "
+                         "its logits cannot be computed at the loss positions only")
+
+    def select(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("input")
+        kept = hidden.flatten(0, -2).index_select(0, positions)
+        return (kept, *args[1:]), kwargs
+
+    handle = head.register_forward_pre_hook(select, with_kwargs=True)
     try:
         yield
     finally:

@@ -34,7 +34,7 @@ def response_loss(model, examples: Sequence[dict], batch_size: int) -> dict[str,
         keep = targets != collate.IGNORE_INDEX  # position i predicts token i + 1; the last predicts nothing
         if not keep.any():
             continue
-        positions = torch.cat([keep, keep.new_zeros(1)]).unsqueeze(0)
+        positions = keep.nonzero().squeeze(1)  # one row: flat index = position
         with modeling.logits_only_at(model, positions.to(device)):
             logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), use_cache=False).logits
         total_nll += F.cross_entropy(logits.float(), targets[keep].to(device), reduction="sum").item()

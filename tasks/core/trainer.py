@@ -7,7 +7,7 @@ it (in this process, or as torchrun's workers); `tasks.core.checkpoints` saves a
 What makes it fast: packed rows (examples concatenated, positions restarting, so attention stays
 block-diagonal; one row per micro-batch under flex attention, rows capped at the longest example
 under sdpa, whose cost grows with the square of a row), logits only at positions that carry loss
-(a pre-hook on the LM head) with the cross-entropy in fp32 chunks, a fused (CUDA) or
+(a pre-hook on the LM head, indices found on the host) with the cross-entropy in fp32 chunks, a fused (CUDA) or
 foreach (CPU) AdamW, bf16 autocast on GPUs, gradient checkpointing only when the memory estimate
 for the run's largest micro-batch asks for it, regional torch.compile for long CUDA runs.
 
@@ -276,10 +276,11 @@ class Batching:
 @dataclass
 class Batch:
     """One micro-batch on its device: the model inputs, the positions whose next token carries loss
-    (`keep`, boolean (rows, width)) and those next tokens (`targets`, one per kept position)."""
+    (`positions`, flat indices into rows x width, found on the host) and those next tokens
+    (`targets`, one per position)."""
 
     inputs: dict[str, torch.Tensor]
-    keep: torch.Tensor
+    positions: torch.Tensor
     targets: torch.Tensor
 
 
@@ -309,15 +310,18 @@ def make_batch(
     targets = labels[:, 1:][keep[:, :-1]]
     pin = device.type == "cuda"
     move = lambda tensor: (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)  # noqa: E731
-    return Batch({name: move(tensor) for name, tensor in batch.items()}, move(keep), move(targets))
+    return Batch({name: move(tensor) for name, tensor in batch.items()}, move(keep.flatten().nonzero().squeeze(1)), move(targets))
 
 
 def loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Summed cross-entropy over the loss positions, in fp32, chunk by chunk. Half-precision chunks
     are recomputed in backward instead of keeping their fp32 copies."""
-    with logits_only_at(model, batch.keep):
+    with logits_only_at(model, batch.positions):
         logits = model(**batch.inputs, use_cache=False).logits  # (loss positions, vocab)
     targets = batch.targets
+    if logits.shape[:-1] != targets.shape:  # e.g. a model calling its LM head twice in one forward
+        raise RuntimeError(f"{type(unwrap(model)).__name__} returned logits of shape {tuple(logits.shape)} for "
+                           f"{targets.numel()} loss positions: its LM head is not called once on the final hidden states")
     if targets.numel() == 0:
         return logits.sum() * 0.0  # keeps every parameter in the graph (DDP expects that)
     recompute = logits.dtype != torch.float32
@@ -481,7 +485,11 @@ def needs_checkpointing(model: torch.nn.Module, rt: Runtime, tokens_per_micro: i
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
     width = 2 if rt.precision in AMP_DTYPES else 4
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    states = trainable * 12 / (rt.world if strategy == "fsdp" else 1)  # fp32 grad + two Adam moments
+    sharded = strategy == "fsdp" and rt.world > 1
+    states = trainable * 12 / (rt.world if sharded else 1)  # fp32 grad + two Adam moments
+    if sharded:  # the model is still on the CPU (load_model): its shard and one gathered layer are yet to arrive
+        states += sum(p.numel() * p.element_size() for p in model.parameters()) / rt.world
+        states += max((sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)), default=0) * width
     activations = tokens_per_micro * (layers * (10 * hidden + 4 * intermediate) * width + config.vocab_size * (width + 4))
     free, _ = torch.cuda.mem_get_info(rt.device)
     return states + activations > MEMORY_HEADROOM * free
@@ -612,19 +620,18 @@ class Session:
     @torch.no_grad()
     def held_out_loss(self) -> float:
         """Token-weighted response loss on the eval split, packed as in training (positions restart
-        per example: no attention across examples). Each rank takes every world-th example; every
-        rank runs the same number of forward passes (FSDP needs all of them) and the sums are reduced."""
-        rows, rt, micro = self.eval_rows, self.rt, self.spec.settings.micro_batch_size
-        mine = list(range(rt.rank, len(rows), rt.world))
-        passes = -(-(-(-len(rows) // rt.world)) // micro)
+        per example: no attention across examples), in micro-batches within the same limits. Each
+        rank takes its share of the split; every rank runs the same number of forward passes (FSDP
+        needs all of them) and the sums are reduced."""
+        rows, rt = self.eval_rows, self.rt
         row_tokens = self.batching.row_tokens and max(self.batching.row_tokens, int(rows.lengths.max()))
         batching = dataclasses.replace(self.batching, row_tokens=row_tokens)
+        mine = batching.rank_micro_batches(range(len(rows)), rows.lengths, rt.rank, rt.world, aligned=True)
         totals = torch.zeros(2, device=rt.device, dtype=torch.float64)
         self.model.eval()
         try:
-            for index in range(passes):
-                chunk = mine[index * micro : (index + 1) * micro]
-                batch = batching.build(rows, chunk or [0], rt.device)
+            for chunk in mine:
+                batch = self._build(rows, chunk, batching)
                 with rt.autocast():
                     loss = loss_sum(self.model, batch)
                 if chunk:  # a rank with nothing left still runs the pass, and adds nothing
@@ -650,12 +657,16 @@ class Session:
         batch = self.order.global_batch(step, self.plan.global_batch)
         return batch, self.batching.rank_micro_batches(batch, self.rows.lengths, self.rt.rank, self.rt.world, aligned=self.sharded)
 
+    def _build(self, rows: TokenRows, indices: list[int], batching: Batching | None = None) -> Batch:
+        """The micro-batch of these examples. An empty one (a rank with nothing left while FSDP's
+        collectives need every rank) runs the split's shortest example, and its loss is not counted."""
+        return (batching or self.batching).build(rows, indices or [int(rows.lengths.argmin())], self.rt.device)
+
     def _micro_batch(self, step: int, index: int, indices: list[int]) -> Batch:
-        """Micro-batch `index` of `step`: the one prepared ahead when it is that one. An empty one
-        (a rank with nothing left under FSDP) runs example 0 and adds nothing."""
+        """Micro-batch `index` of `step`: the one prepared ahead when it is that one."""
         if self._prefetched is not None and self._prefetched[0] == (step, index):
             return self._prefetched[1]
-        return self.batching.build(self.rows, indices or [0], self.rt.device)
+        return self._build(self.rows, indices)
 
     def _prefetch_after(self, step: int, index: int, micro_batches: list[list[int]]) -> None:
         """Build the micro-batch after (step, index) while the device still works on this one: the
@@ -667,7 +678,7 @@ class Session:
         else:
             self._prefetched = None
             return
-        self._prefetched = (target, self.batching.build(self.rows, indices or [0], self.rt.device))
+        self._prefetched = (target, self._build(self.rows, indices))
 
     def step(self, step: int) -> dict:
         """One optimizer step over global batch `step`; returns its curve record (without times)."""
@@ -682,10 +693,11 @@ class Session:
                 with rt.autocast():
                     loss = loss_sum(self.model, micro)
                 if not indices:  # joins the FSDP collectives, adds nothing
-                    loss = loss * 0.0
+                    loss = loss.nan_to_num() * 0.0
                 scaled = loss * scale
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total += loss.detach()
+            if indices:
+                total += loss.detach()
             self._prefetch_after(step, i, micro_batches)
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self._optimizer_step()
