@@ -89,7 +89,7 @@ def launch_torchrun(spec: TrainSpec, progress: Progress | None = None) -> dict:
 
 def _stream(process: subprocess.Popen, progress: Progress | None) -> deque:
     """Read the workers' output to its end: returns the last plain lines."""
-    tail, bar = deque(maxlen=40), None
+    tail, bar = deque(maxlen=120), None  # torchrun's own failure report alone is ~40 lines: keep the workers' last words too
     try:
         for line in process.stdout:
             event, line = _split_event(line)
