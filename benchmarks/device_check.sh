@@ -33,8 +33,11 @@ status=0  # non-zero when the GPU tests or a row failed: the call says so
 if ! "$PY" -c "import trl, datasets" 2>/dev/null && ls .device/wheels/*.whl >/dev/null 2>&1; then
   site=$("$PY" -c "import sys; print(sys.prefix)")/sft-device-site
   mkdir -p "$site" 2>/dev/null && [ -w "$site" ] || { site=/tmp/site; echo "warning: $site is outside the prefix; TRL rows may fail"; }
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .device/wheels/*.whl \
-    && export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .device/wheels/*.whl; then
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "error: the carried wheels did not install (built for another Python? see DEVICE_PYTHON in prepare_device.sh): TRL rows will fail"
+  fi
 fi
 tokenizer=() data=()
 [ -d .device/tokenizer ] && tokenizer=(--tokenizer .device/tokenizer)
