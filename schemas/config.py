@@ -140,7 +140,7 @@ class TrainOptions(_Section):
     micro_batch_tokens: int | None = Field(
         _TRAIN.micro_batch_tokens,
         ge=1,
-        description="Most token slots (padding included) per forward pass, so memory stays bounded whatever the example lengths; a longer example goes alone. Empty: micro_batch_size alone decides. Never changes the result: the loss is averaged over the whole step.",
+        description="Most token slots (padding included) per forward pass, so memory stays bounded whatever the example lengths; a longer example goes alone. Empty: micro_batch_size alone decides. Changes memory, not what a step computes: the loss is averaged over the whole step (results differ only by rounding, and by dropout's draws when dropout is on).",
     )
     grad_accum: int = Field(_TRAIN.grad_accum, ge=1, description="Micro-batches per optimizer step.")
     weight_decay: float = Field(_TRAIN.weight_decay, ge=0.0, description="AdamW weight decay.")
