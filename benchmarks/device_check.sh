@@ -8,7 +8,7 @@
 #   bash benchmarks/device_check.sh large [out]   # Llama 1.7B: ours compile on vs TRL best compile on
 #
 # Every benchmark row is its own process under `timeout`, and the call stops starting rows once
-# its deadline (DEADLINE seconds: 300 small, 360 large) is near, so a hang or a slow row still leaves the
+# its deadline (DEADLINE seconds: 270 small, 330 large) is near, so a hang or a slow row still leaves the
 # rows measured before it: each is printed as it ends and appended to $out/<call>-<shape>.jsonl, and the
 # table of the call is printed last. Writes logs and tables to $out (default $OUT or /tmp/device-check).
 #
@@ -21,9 +21,9 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=${PY:-python3}
 started=$(date +%s)
-# Two calls plus the machine's start fit a 15-minute device budget: 300 s for the small call, 360 s
-# for the large one (the table and a killed row's 10 s grace come on top).
-deadline=${DEADLINE:-$([ "$part" = large ] && echo 360 || echo 300)}
+# Two calls plus the machine's start (minutes) fit a 15-minute device budget: 270 s for the small
+# call, 330 s for the large one (the table and a killed row's 10 s grace come on top).
+deadline=${DEADLINE:-$([ "$part" = large ] && echo 330 || echo 270)}
 row_timeout=${ROW_TIMEOUT:-240}
 status=0  # non-zero when the GPU tests or a row failed: the call says so
 
