@@ -161,6 +161,18 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:
         _write_error(error)
         raise
+    _leave_now()
+
+
+def _leave_now() -> None:
+    """End a worker whose outputs are published without running the interpreter's teardown. There,
+    gloo's threads can still be joinable, and destroying a joinable std::thread aborts the process
+    ("terminate called without an active exception", SIGABRT): seen on CPU under load, after the
+    work was done, and torchrun then fails the whole run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":
